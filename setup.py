@@ -1,0 +1,34 @@
+"""trackstar_jax: TrackStar training-data attribution for JAX/Flax LMs."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    'jax>=0.10.0,<0.11',
+    'flax>=0.12.0,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.0,<0.13',
+    'tensorstore>=0.1.80,<0.2',
+    'numpy>=1.26,<3',
+    'absl-py>=2.1,<3',
+    'gin-config>=0.5,<0.6',
+    'sentencepiece>=0.2,<0.3',
+]
+
+EXTRAS = {
+    # seqio pulls TensorFlow (~3 GB); the core never imports it.
+    'seqio': ['seqio>=0.0.19', 'tensorflow-cpu>=2.16,<2.21', 'tensorflow-text>=2.16,<2.21'],
+    'eval': ['bm25s>=0.2', 'matplotlib>=3.8', 'safetensors>=0.4', 'tokenizers>=0.19'],
+    'dev': ['pytest>=8', 'ruff>=0.6'],
+}
+
+setup(
+    name='trackstar_jax',
+    version='0.1.0',
+    description='TrackStar training-data attribution for JAX/Flax language models.',
+    packages=find_packages(include=['trackstar_jax', 'trackstar_jax.*']),
+    package_data={'trackstar_jax': ['data/embedded/*']},
+    include_package_data=True,
+    python_requires='>=3.10',
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
