@@ -1,0 +1,73 @@
+"""Two processes joined by jax.distributed over localhost take the same step as one."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from trackstar_jax import sharding as shd
+from trackstar_jax import train
+from trackstar_jax.models import DecoderConfig, DecoderLM
+
+CFG = DecoderConfig(vocab_size=128, num_layers=2, d_model=64, num_heads=4, mlp_dim=128,
+                    max_len=16, num_kv_heads=2)
+TC = train.TrainConfig(seq_len=16, batch_size=8, min_dim_size_to_factor=32, warmup_steps=1)
+WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'train_step_worker.py')
+
+
+def batch_for_test():
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, CFG.vocab_size, (8, 16)).astype(np.int32)
+    mask = np.ones((8, 16), np.float32)
+    mask[:, 0] = 0
+    mask[5, 11:] = 0
+    return {'tokens': tokens, 'loss_mask': mask}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_workers(worker: str, args: list[str], timeout: int = 300) -> None:
+    """Runs a worker script as processes 0 and 1 and fails with their logs if either does."""
+    port = str(free_port())
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get('PYTHONPATH', '')])}
+    env.pop('XLA_FLAGS', None)
+    procs = [subprocess.Popen([sys.executable, worker, str(i), port, *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, f'worker failed ({p.returncode}):\n{out[-4000:]}'
+
+
+def test_two_process_step_equals_one_process(tmp_path):
+    out = str(tmp_path / 'two.npz')
+    run_workers(WORKER, [out])
+    got = np.load(out)
+
+    mesh = shd.make_mesh((('data', 4), ('model', 2)))
+    model = DecoderLM(CFG)
+    state, shardings = train.create_train_state(model, TC, mesh)
+    step = train.make_train_step(model, train.make_optimizer(TC), mesh, shardings)
+    state, metrics = step(state, train.global_batch(mesh, batch_for_test()))
+    np.testing.assert_allclose(got['loss'], np.asarray(metrics['loss']), rtol=1e-6)
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+    assert len(leaves) == len(got.files) - 1
+    for path, value in leaves:
+        np.testing.assert_allclose(got[jax.tree_util.keystr(path)], value, rtol=1e-5,
+                                   atol=1e-7)

@@ -1,0 +1,1 @@
+"""Data: the embedded corpus and fact set, tokenizers, batching and per-host layout."""
