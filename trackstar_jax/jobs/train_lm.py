@@ -1,0 +1,157 @@
+"""Job: train an LM on a corpus (the embedded demo by default) with sharded Adafactor.
+
+Resumable: it continues from the newest checkpoint in ``workdir`` with exactly the data
+order it would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+from absl import logging
+
+from trackstar_jax import checkpoint, train
+from trackstar_jax import sharding as shd
+from trackstar_jax.data import corpus as corpus_lib
+from trackstar_jax.data import pipeline
+from trackstar_jax.models import DecoderConfig, DecoderLM
+
+
+def unigram_entropy(rows: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the token frequencies: the loss of the best unigram model."""
+    counts = np.bincount(rows.ravel(), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@gin.configurable(denylist=['workdir'])
+def train_lm(
+    *,
+    workdir: str,
+    model_config: DecoderConfig = gin.REQUIRED,
+    train_config: train.TrainConfig = gin.REQUIRED,
+    mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
+    corpus_path: str = corpus_lib.CORPUS_PATH,
+    tokenizer_path: str = corpus_lib.TOKENIZER_PATH,
+    max_documents: int | None = None,
+    eval_fraction: float = 0.02,
+    eval_batches: int = 8,
+) -> dict[str, Any]:
+    """Trains ``model_config`` on the corpus and checkpoints into ``workdir/checkpoints``.
+
+    Args:
+      workdir: output directory (checkpoints, metrics JSON, operative gin config).
+      model_config: the model.
+      train_config: optimiser and loop settings.
+      mesh_axes: (name, size) pairs for :func:`trackstar_jax.sharding.make_mesh`.
+      corpus_path: JSONL(.gz) corpus of {"id", "text"} records.
+      tokenizer_path: SentencePiece model; its vocab must fit the model's.
+      max_documents: use only the first this many documents (None: all).
+      eval_fraction: fraction of packed rows held out for the eval loss.
+      eval_batches: held-out batches averaged for the eval loss.
+
+    Returns:
+      A summary dict (also written to ``workdir/train_metrics.json``).
+    """
+    tokenizer = corpus_lib.Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f'Tokenizer has {tokenizer.vocab_size} ids but the model only '
+                         f'{model_config.vocab_size}.')
+    if train_config.seq_len > model_config.max_len:
+        raise ValueError(f'seq_len {train_config.seq_len} > max_len {model_config.max_len}.')
+    docs = corpus_lib.load_corpus(corpus_path, limit=max_documents)
+    t0 = time.time()
+    rows = pipeline.pack(tokenizer.encode([d['text'] for d in docs]), train_config.seq_len,
+                         tokenizer.eos_id)
+    # A fixed held-out split (chosen by a seeded permutation, never trained on).
+    perm = np.random.default_rng(1234).permutation(len(rows))
+    n_eval = max(int(len(rows) * eval_fraction), train_config.batch_size)
+    eval_rows, train_rows = rows[perm[:n_eval]], rows[perm[n_eval:]]
+    logging.info('Corpus: %d documents -> %d train / %d eval rows of %d tokens (%.1fs).',
+                 len(docs), len(train_rows), len(eval_rows), train_config.seq_len,
+                 time.time() - t0)
+
+    mesh = shd.make_mesh(mesh_axes)
+    layout = pipeline.DataLayout.for_mesh(mesh, train_config.batch_size)
+    model = DecoderLM(model_config)
+    tx = train.make_optimizer(train_config)
+    state, shardings = train.create_train_state(model, train_config, mesh)
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    mngr = checkpoint.manager(ckpt_dir)
+    config_record = {'model': model_config.to_dict(), 'train': train_config.to_dict(),
+                     'tokenizer': os.path.abspath(tokenizer_path)}
+    start = 0
+    if mngr.latest_step() is not None:
+        state, _, start = checkpoint.restore(ckpt_dir, checkpoint.abstract_like(state, shardings))
+        logging.info('Resumed from step %d.', start)
+    step_fn = train.make_train_step(model, tx, mesh, shardings)
+    eval_fn = jax.jit(lambda p, b: train.loss_fn(model, p, b),
+                      in_shardings=(shardings.params, {k: shd.batch_sharding(mesh)
+                                                       for k in ('tokens', 'loss_mask')}))
+
+    def eval_loss(params) -> float:
+        it = pipeline.training_batches(eval_rows, train_config.batch_size, seed=0,
+                                       layout=layout)
+        return float(np.mean([float(eval_fn(params, train.global_batch(mesh, next(it))))
+                              for _ in range(eval_batches)]))
+
+    history = []
+    if start == 0:
+        history.append({'step': 0, 'eval_loss': eval_loss(state.params)})
+        logging.info('step 0: eval loss %.4f', history[-1]['eval_loss'])
+    batches = pipeline.training_batches(train_rows, train_config.batch_size,
+                                        train_config.seed, start_step=start, layout=layout)
+    t_start, window = time.time(), []
+    for step in range(start, train_config.num_steps):
+        state, metrics = step_fn(state, train.global_batch(mesh, next(batches)))
+        window.append(metrics)
+        done = step + 1
+        if done % train_config.log_every == 0 or done == train_config.num_steps:
+            loss = float(np.mean([float(m['loss']) for m in window]))
+            rate = (done - start) / (time.time() - t_start)
+            eta = (train_config.num_steps - done) / max(rate, 1e-9)
+            record = {'step': done, 'train_loss': loss, 'steps_per_s': rate}
+            if done % (train_config.log_every * 4) == 0 or done == train_config.num_steps:
+                record['eval_loss'] = eval_loss(state.params)
+            history.append(record)
+            logging.info('step %d/%d: train loss %.4f%s, %.2f steps/s, %.0f tokens/s, '
+                         'ETA %.0fs', done, train_config.num_steps, loss,
+                         f", eval loss {record['eval_loss']:.4f}" if 'eval_loss' in record
+                         else '', rate, rate * train_config.batch_size * train_config.seq_len,
+                         eta)
+            window = []
+        if done % train_config.checkpoint_every == 0 or done == train_config.num_steps:
+            checkpoint.save(mngr, done, state, config_record)
+
+    entropy = unigram_entropy(train_rows, model_config.vocab_size)
+    final_eval = eval_loss(state.params)
+    summary = {
+        'num_steps': train_config.num_steps,
+        'tokens_seen': train_config.num_steps * train_config.batch_size * train_config.seq_len,
+        'train_rows': len(train_rows),
+        'final_train_loss': next((h['train_loss'] for h in reversed(history)
+                                  if 'train_loss' in h), math.nan),
+        'final_eval_loss': final_eval,
+        'initial_eval_loss': history[0].get('eval_loss', math.nan) if start == 0 else None,
+        'unigram_entropy': entropy,
+        'eval_loss_minus_unigram_entropy': final_eval - entropy,
+        'history': history,
+        'model': model_config.to_dict(),
+        'train': train_config.to_dict(),
+        'mesh': dict(mesh.shape),
+        'checkpoint_dir': os.path.abspath(ckpt_dir),
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'train_metrics.json'), 'w') as f:
+            json.dump(summary, f, indent=1)
+    logging.info('Final eval loss %.4f vs unigram entropy %.4f nats/token.', final_eval,
+                 entropy)
+    return summary
