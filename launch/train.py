@@ -19,10 +19,12 @@ from trackstar_jax.jobs import train_lm  # noqa: E402
 FLAGS = flags.DEFINE_multi_string('gin_file', ['train_demo.gin'], 'gin files.')
 BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'gin bindings.')
 WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Output directory.')
-RESULTS = flags.DEFINE_string('results', None,
-                              'Also write the summary JSON here (e.g. benchmarks/results/).')
-COORDINATOR = flags.DEFINE_string('coordinator', None,
-                                  'host:port for jax.distributed (multi-process runs).')
+RESULTS = flags.DEFINE_string(
+    'results', None, 'Also write the summary JSON here (e.g. benchmarks/results/).'
+)
+COORDINATOR = flags.DEFINE_string(
+    'coordinator', None, 'host:port for jax.distributed (multi-process runs).'
+)
 NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'jax.distributed processes.')
 PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
 
@@ -42,8 +44,11 @@ def main(argv):
         summary = {'command': 'python ' + ' '.join(sys.argv), **summary}
         with open(RESULTS.value, 'w') as f:
             json.dump(summary, f, indent=1)
-    logging.info('Done: eval loss %.3f, unigram entropy %.3f nats/token.',
-                 summary['final_eval_loss'], summary['unigram_entropy'])
+    logging.info(
+        'Done: eval loss %.3f, unigram entropy %.3f nats/token.',
+        summary['final_eval_loss'],
+        summary['unigram_entropy'],
+    )
 
 
 if __name__ == '__main__':

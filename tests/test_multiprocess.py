@@ -12,8 +12,9 @@ from trackstar_jax import sharding as shd
 from trackstar_jax import train
 from trackstar_jax.models import DecoderConfig, DecoderLM
 
-CFG = DecoderConfig(vocab_size=128, num_layers=2, d_model=64, num_heads=4, mlp_dim=128,
-                    max_len=16, num_kv_heads=2)
+CFG = DecoderConfig(
+    vocab_size=128, num_layers=2, d_model=64, num_heads=4, mlp_dim=128, max_len=16, num_kv_heads=2
+)
 TC = train.TrainConfig(seq_len=16, batch_size=8, min_dim_size_to_factor=32, warmup_steps=1)
 WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'train_step_worker.py')
 
@@ -36,13 +37,26 @@ def free_port() -> int:
 def run_workers(worker: str, args: list[str], timeout: int = 300) -> None:
     """Runs a worker script as processes 0 and 1 and fails with their logs if either does."""
     port = str(free_port())
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get('PYTHONPATH', '')])}
+    env = {
+        **os.environ,
+        'PYTHONPATH': os.pathsep.join(
+            [
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.environ.get('PYTHONPATH', ''),
+            ]
+        ),
+    }
     env.pop('XLA_FLAGS', None)
-    procs = [subprocess.Popen([sys.executable, worker, str(i), port, *args], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), port, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     for p in procs:
         try:
@@ -69,5 +83,4 @@ def test_two_process_step_equals_one_process(tmp_path):
     leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
     assert len(leaves) == len(got.files) - 1
     for path, value in leaves:
-        np.testing.assert_allclose(got[jax.tree_util.keystr(path)], value, rtol=1e-5,
-                                   atol=1e-7)
+        np.testing.assert_allclose(got[jax.tree_util.keystr(path)], value, rtol=1e-5, atol=1e-7)

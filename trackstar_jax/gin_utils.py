@@ -15,8 +15,9 @@ import jax
 from trackstar_jax import train
 from trackstar_jax.models import decoder
 
-GIN_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              'gin_configs')
+GIN_CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin_configs'
+)
 
 DecoderConfig = gin.external_configurable(decoder.DecoderConfig, module='trackstar_jax')
 TrainConfig = gin.external_configurable(train.TrainConfig, module='trackstar_jax')
@@ -26,8 +27,7 @@ def parse(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
     """Parses gin files (searched also under ``gin_configs/``) and bindings."""
     gin.add_config_file_search_path(GIN_CONFIG_DIR)
     gin.add_config_file_search_path(os.getcwd())
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
-                                        finalize_config=True)
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=True)
 
 
 def write_operative_config(directory: str, name: str = 'config.gin') -> str | None:

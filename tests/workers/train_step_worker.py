@@ -36,7 +36,9 @@ local = {k: v[layout.local_rows] for k, v in full.items()}
 state, metrics = step(state, train.global_batch(mesh, local))
 params = multihost_utils.process_allgather(state.params, tiled=True)
 if jax.process_index() == 0:
-    flat = {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     np.savez(out, loss=np.asarray(metrics['loss']), **flat)
 jax.distributed.shutdown()

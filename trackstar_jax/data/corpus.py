@@ -42,8 +42,9 @@ def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
                     raise ValueError(f'{path}:{line_no}: not JSON: {e}') from e
 
 
-def load_corpus(path: str = CORPUS_PATH, sources: Sequence[str] | None = None,
-                limit: int | None = None) -> list[dict[str, Any]]:
+def load_corpus(
+    path: str = CORPUS_PATH, sources: Sequence[str] | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
     """Corpus examples, in file order.
 
     Args:

@@ -54,21 +54,26 @@ class DataLayout:
         """
         data_size = mesh.shape[shd.DATA]
         if global_batch_size % data_size:
-            raise ValueError(f'Global batch {global_batch_size} does not divide over '
-                             f'data axis of size {data_size}.')
-        index_map = shd.batch_sharding(mesh).addressable_devices_indices_map(
-            (global_batch_size,))
-        rows = sorted({(s[0].start or 0, s[0].stop or global_batch_size)
-                       for s in index_map.values()})
+            raise ValueError(
+                f'Global batch {global_batch_size} does not divide over '
+                f'data axis of size {data_size}.'
+            )
+        index_map = shd.batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+        rows = sorted(
+            {(s[0].start or 0, s[0].stop or global_batch_size) for s in index_map.values()}
+        )
         start, stop = rows[0][0], rows[-1][1]
         if sum(b - a for a, b in rows) != stop - start:
-            raise ValueError(f'Process {jax.process_index()} holds non-contiguous rows {rows}; '
-                             'order the mesh so each host owns a contiguous data slice.')
+            raise ValueError(
+                f'Process {jax.process_index()} holds non-contiguous rows {rows}; '
+                'order the mesh so each host owns a contiguous data slice.'
+            )
         return cls(global_batch_size, jax.process_index(), jax.process_count(), start, stop)
 
 
-def pad_example(tokens: Sequence[int], seq_len: int, pad_id: int = 0,
-                prompt_len: int = 0) -> dict[str, np.ndarray]:
+def pad_example(
+    tokens: Sequence[int], seq_len: int, pad_id: int = 0, prompt_len: int = 0
+) -> dict[str, np.ndarray]:
     """One example as {'tokens', 'loss_mask'}, right-padded or truncated to ``seq_len``.
 
     Args:
@@ -80,9 +85,9 @@ def pad_example(tokens: Sequence[int], seq_len: int, pad_id: int = 0,
     """
     tokens = list(tokens)[:seq_len]
     out = np.full((seq_len,), pad_id, np.int32)
-    out[:len(tokens)] = tokens
+    out[: len(tokens)] = tokens
     mask = np.zeros((seq_len,), np.float32)
-    mask[max(prompt_len, 1):len(tokens)] = 1.0
+    mask[max(prompt_len, 1) : len(tokens)] = 1.0
     return {'tokens': out, 'loss_mask': mask}
 
 
@@ -101,11 +106,16 @@ def pack(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> np.
     n = len(stream) // seq_len
     if n == 0:
         raise ValueError(f'Corpus has {len(stream)} tokens, fewer than one row of {seq_len}.')
-    return stream[:n * seq_len].reshape(n, seq_len)
+    return stream[: n * seq_len].reshape(n, seq_len)
 
 
-def training_batches(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
-                     layout: DataLayout | None = None) -> Iterator[dict[str, np.ndarray]]:
+def training_batches(
+    rows: np.ndarray,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    layout: DataLayout | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Endless deterministic batches of packed rows; step s is the same in any run.
 
     Each epoch is a fresh permutation of the rows seeded by (seed, epoch), so a run
@@ -128,7 +138,7 @@ def training_batches(rows: np.ndarray, batch_size: int, seed: int, start_step: i
     while True:
         epoch, k = divmod(step, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(n)
-        idx = order[k * batch_size:(k + 1) * batch_size]
+        idx = order[k * batch_size : (k + 1) * batch_size]
         if layout is not None:
             idx = idx[layout.local_rows]
         yield {'tokens': rows[idx], 'loss_mask': np.broadcast_to(mask, (len(idx), len(mask)))}

@@ -63,21 +63,29 @@ def train_lm(
     """
     tokenizer = corpus_lib.Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f'Tokenizer has {tokenizer.vocab_size} ids but the model only '
-                         f'{model_config.vocab_size}.')
+        raise ValueError(
+            f'Tokenizer has {tokenizer.vocab_size} ids but the model only '
+            f'{model_config.vocab_size}.'
+        )
     if train_config.seq_len > model_config.max_len:
         raise ValueError(f'seq_len {train_config.seq_len} > max_len {model_config.max_len}.')
     docs = corpus_lib.load_corpus(corpus_path, limit=max_documents)
     t0 = time.time()
-    rows = pipeline.pack(tokenizer.encode([d['text'] for d in docs]), train_config.seq_len,
-                         tokenizer.eos_id)
+    rows = pipeline.pack(
+        tokenizer.encode([d['text'] for d in docs]), train_config.seq_len, tokenizer.eos_id
+    )
     # A fixed held-out split (chosen by a seeded permutation, never trained on).
     perm = np.random.default_rng(1234).permutation(len(rows))
     n_eval = max(int(len(rows) * eval_fraction), train_config.batch_size)
     eval_rows, train_rows = rows[perm[:n_eval]], rows[perm[n_eval:]]
-    logging.info('Corpus: %d documents -> %d train / %d eval rows of %d tokens (%.1fs).',
-                 len(docs), len(train_rows), len(eval_rows), train_config.seq_len,
-                 time.time() - t0)
+    logging.info(
+        'Corpus: %d documents -> %d train / %d eval rows of %d tokens (%.1fs).',
+        len(docs),
+        len(train_rows),
+        len(eval_rows),
+        train_config.seq_len,
+        time.time() - t0,
+    )
 
     mesh = shd.make_mesh(mesh_axes)
     layout = pipeline.DataLayout.for_mesh(mesh, train_config.batch_size)
@@ -86,29 +94,42 @@ def train_lm(
     state, shardings = train.create_train_state(model, train_config, mesh)
     ckpt_dir = os.path.join(workdir, 'checkpoints')
     mngr = checkpoint.manager(ckpt_dir)
-    config_record = {'model': model_config.to_dict(), 'train': train_config.to_dict(),
-                     'tokenizer': os.path.abspath(tokenizer_path)}
+    config_record = {
+        'model': model_config.to_dict(),
+        'train': train_config.to_dict(),
+        'tokenizer': os.path.abspath(tokenizer_path),
+    }
     start = 0
     if mngr.latest_step() is not None:
         state, _, start = checkpoint.restore(ckpt_dir, checkpoint.abstract_like(state, shardings))
         logging.info('Resumed from step %d.', start)
     step_fn = train.make_train_step(model, tx, mesh, shardings)
-    eval_fn = jax.jit(lambda p, b: train.loss_fn(model, p, b),
-                      in_shardings=(shardings.params, {k: shd.batch_sharding(mesh)
-                                                       for k in ('tokens', 'loss_mask')}))
+    eval_fn = jax.jit(
+        lambda p, b: train.loss_fn(model, p, b),
+        in_shardings=(
+            shardings.params,
+            {k: shd.batch_sharding(mesh) for k in ('tokens', 'loss_mask')},
+        ),
+    )
 
     def eval_loss(params) -> float:
-        it = pipeline.training_batches(eval_rows, train_config.batch_size, seed=0,
-                                       layout=layout)
-        return float(np.mean([float(eval_fn(params, train.global_batch(mesh, next(it))))
-                              for _ in range(eval_batches)]))
+        it = pipeline.training_batches(eval_rows, train_config.batch_size, seed=0, layout=layout)
+        return float(
+            np.mean(
+                [
+                    float(eval_fn(params, train.global_batch(mesh, next(it))))
+                    for _ in range(eval_batches)
+                ]
+            )
+        )
 
     history = []
     if start == 0:
         history.append({'step': 0, 'eval_loss': eval_loss(state.params)})
         logging.info('step 0: eval loss %.4f', history[-1]['eval_loss'])
-    batches = pipeline.training_batches(train_rows, train_config.batch_size,
-                                        train_config.seed, start_step=start, layout=layout)
+    batches = pipeline.training_batches(
+        train_rows, train_config.batch_size, train_config.seed, start_step=start, layout=layout
+    )
     t_start, window = time.time(), []
     for step in range(start, train_config.num_steps):
         state, metrics = step_fn(state, train.global_batch(mesh, next(batches)))
@@ -122,11 +143,16 @@ def train_lm(
             if done % (train_config.log_every * 4) == 0 or done == train_config.num_steps:
                 record['eval_loss'] = eval_loss(state.params)
             history.append(record)
-            logging.info('step %d/%d: train loss %.4f%s, %.2f steps/s, %.0f tokens/s, '
-                         'ETA %.0fs', done, train_config.num_steps, loss,
-                         f", eval loss {record['eval_loss']:.4f}" if 'eval_loss' in record
-                         else '', rate, rate * train_config.batch_size * train_config.seq_len,
-                         eta)
+            logging.info(
+                'step %d/%d: train loss %.4f%s, %.2f steps/s, %.0f tokens/s, ETA %.0fs',
+                done,
+                train_config.num_steps,
+                loss,
+                f', eval loss {record["eval_loss"]:.4f}' if 'eval_loss' in record else '',
+                rate,
+                rate * train_config.batch_size * train_config.seq_len,
+                eta,
+            )
             window = []
         if done % train_config.checkpoint_every == 0 or done == train_config.num_steps:
             checkpoint.save(mngr, done, state, config_record)
@@ -137,8 +163,9 @@ def train_lm(
         'num_steps': train_config.num_steps,
         'tokens_seen': train_config.num_steps * train_config.batch_size * train_config.seq_len,
         'train_rows': len(train_rows),
-        'final_train_loss': next((h['train_loss'] for h in reversed(history)
-                                  if 'train_loss' in h), math.nan),
+        'final_train_loss': next(
+            (h['train_loss'] for h in reversed(history) if 'train_loss' in h), math.nan
+        ),
         'final_eval_loss': final_eval,
         'initial_eval_loss': history[0].get('eval_loss', math.nan) if start == 0 else None,
         'unigram_entropy': entropy,
@@ -152,6 +179,5 @@ def train_lm(
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'train_metrics.json'), 'w') as f:
             json.dump(summary, f, indent=1)
-    logging.info('Final eval loss %.4f vs unigram entropy %.4f nats/token.', final_eval,
-                 entropy)
+    logging.info('Final eval loss %.4f vs unigram entropy %.4f nats/token.', final_eval, entropy)
     return summary
