@@ -1,0 +1,207 @@
+"""The public gradient-featurisation API: GradientSpec and Featurizer.
+
+spec = grads.GradientSpec(block_dim=4096, num_layer_blocks=8, split_attention_mlp=True,
+                          seed=0, correction='adafactor', output_fn='loss',
+                          exclude=('embedding',))
+feat = grads.Featurizer(model, params, spec, opt_state=opt_state, mesh=None)
+feat(batch)             -> float32 [B, D]   fused kernel
+feat.reference(batch)   -> float32 [B, D]   vmap(grad) per example, then project
+feat.project(grad_tree) -> float32 [D]      correction + projection of one gradient
+feat.layout             -> which parameters went into which block, and D
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from trackstar_jax import losses
+from trackstar_jax import sharding as shd
+from trackstar_jax.grads import correction as correction_lib
+from trackstar_jax.grads import kernel
+from trackstar_jax.grads.layout import ATTENTION_PATTERN, LAYER_PATTERN, Layout, build_layout
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientSpec:
+    """What a feature vector is. Everything here changes the vectors (index manifests
+    record it, and query and train indices must agree on it).
+
+    Attributes:
+      block_dim: dims per layer block d_b, a perfect square (paper: 4096 = 64 x 64).
+      num_layer_blocks: groups of consecutive layers (paper: 8).
+      split_attention_mlp: separate attention and MLP blocks per group (paper: True).
+      seed: projection seed.
+      correction: 'adafactor' | 'adam' | 'none' (paper: the optimizer's, Adafactor).
+      output_fn: 'loss' | 'margin' | 'logit' | 'trak' (paper: 'loss').
+      exclude: parameters whose path contains any of these are left out (paper: the
+        token embedding).
+      layer_pattern: regex giving a path key's layer index (see ``layout.py``).
+      attention_pattern: regex marking attention parameters.
+    """
+
+    block_dim: int = 4096
+    num_layer_blocks: int = 8
+    split_attention_mlp: bool = True
+    seed: int = 0
+    correction: str = 'adafactor'
+    output_fn: str = 'loss'
+    exclude: tuple[str, ...] = ('embedding',)
+    layer_pattern: str = LAYER_PATTERN
+    attention_pattern: str = ATTENTION_PATTERN
+
+    def __post_init__(self):
+        if self.correction not in correction_lib.CORRECTIONS:
+            raise ValueError(f'correction must be one of {correction_lib.CORRECTIONS}.')
+        if self.output_fn not in kernel.OUTPUT_FNS:
+            raise ValueError(f'output_fn must be one of {kernel.OUTPUT_FNS}.')
+        object.__setattr__(self, 'exclude', tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return dataclasses.asdict(self)
+
+
+class Featurizer:
+    """Computes φ(z) = P · (∇θ f(z) / sqrt(V)), block by block, for batches of examples.
+
+    The caller's params are not modified. With a mesh, examples are split along its
+    ``data`` axis and params keep their sharding if they are already arrays on this
+    mesh (otherwise they are replicated onto it); the output is sharded along ``data``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Any,
+        spec: GradientSpec,
+        *,
+        opt_state: Any | None = None,
+        mesh: Mesh | None = None,
+        max_len: int | None = None,
+    ):
+        """Builds the layout, the corrections and the compiled kernels.
+
+        Args:
+          model: any Flax linen LM, ``model.apply({'params': p}, tokens[B, T])`` ->
+            logits [B, T, V].
+          params: its parameters (boxed ``nn.Partitioned`` leaves are unboxed).
+          spec: the gradient spec.
+          opt_state: optax state of ``params`` (Adafactor or Adam), or the output of
+            ``estimate_second_moments``; needed unless spec.correction == 'none'.
+          mesh: the mesh to shard over (None: default device, no sharding).
+          max_len: sequence length used to trace the model when discovering its Dense
+            layers (default: ``model.config.max_len`` or 8).
+        """
+        self.model = model
+        self.spec = spec
+        self.mesh = mesh
+        params = nn.unbox(params)
+        self.layout: Layout = build_layout(
+            params,
+            block_dim=spec.block_dim,
+            num_layer_blocks=spec.num_layer_blocks,
+            split_attention_mlp=spec.split_attention_mlp,
+            exclude=spec.exclude,
+            layer_pattern=spec.layer_pattern,
+            attention_pattern=spec.attention_pattern,
+        )
+        self.corrections = correction_lib.param_corrections(self.layout, spec.correction, opt_state)
+        trace_len = max_len or getattr(getattr(model, 'config', None), 'max_len', 8)
+        dense = kernel.discover_dense_kernels(model, params, min(trace_len, 8))
+        self.fused_paths = kernel.fusable_paths(self.layout, dense, self.corrections)
+        unfused = [
+            e.path for e in self.layout.entries if not e.excluded and e.path not in self.fused_paths
+        ]
+        unfused_size = sum(int(np.prod(e.shape)) for e in self.layout.entries if e.path in unfused)
+        logging.info(
+            'Featurizer: %s\n  fused Dense kernels: %d; per-example (unfused) '
+            'params: %d (%d values per example)',
+            self.layout.describe(),
+            len(self.fused_paths),
+            len(unfused),
+            unfused_size,
+        )
+        self.params = self._place_params(params)
+        self._fused = self._jit(
+            lambda p, c, t, m: kernel.fused_features(
+                model, p, t, m, self.layout, c, spec.seed, spec.output_fn, self.fused_paths
+            )
+        )
+        self._reference = self._jit(
+            lambda p, c, t, m: kernel.reference_features(
+                model, p, t, m, self.layout, c, spec.seed, spec.output_fn
+            )
+        )
+        self._project = jax.jit(lambda g, c: kernel.project_gradients(g, self.layout, c, spec.seed))
+
+    @property
+    def dim(self) -> int:
+        """D, the feature length."""
+        return self.layout.dim
+
+    def _place_params(self, params: Any) -> Any:
+        if self.mesh is None:
+            return params
+
+        def place(x):
+            s = getattr(x, 'sharding', None)
+            if isinstance(s, NamedSharding) and s.mesh == self.mesh:
+                return x
+            return jax.device_put(x, shd.replicated(self.mesh))
+
+        return jax.tree.map(place, params)
+
+    def _jit(self, fn):
+        if self.mesh is None:
+            return jax.jit(fn)
+        rows = NamedSharding(self.mesh, PartitionSpec(shd.DATA))
+        return jax.jit(
+            fn,
+            in_shardings=(
+                jax.tree.map(lambda x: x.sharding, self.params),
+                shd.replicated(self.mesh),
+                rows,
+                rows,
+            ),
+            out_shardings=NamedSharding(self.mesh, PartitionSpec(shd.DATA, None)),
+        )
+
+    def _run(self, fn, batch: Mapping[str, Any]) -> jax.Array:
+        host = {k: np.asarray(batch[k]) for k in ('tokens', 'loss_mask')}
+        losses.validate_batch(host)
+        n = host['tokens'].shape[0]
+        # Pad the batch to a multiple of the data axis with empty (mask 0) rows.
+        multiple = self.mesh.shape[shd.DATA] if self.mesh is not None else 1
+        pad = -n % multiple
+        if pad:
+            host = {
+                k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                for k, v in host.items()
+            }
+        out = fn(
+            self.params,
+            self.corrections,
+            host['tokens'].astype(np.int32),
+            host['loss_mask'].astype(np.float32),
+        )
+        return out[:n] if pad else out
+
+    def __call__(self, batch: Mapping[str, Any]) -> jax.Array:
+        """Fused kernel: float32 [B, D] for a batch {'tokens', 'loss_mask'}."""
+        return self._run(self._fused, batch)
+
+    def reference(self, batch: Mapping[str, Any]) -> jax.Array:
+        """Reference path (vmap(grad), then project): float32 [B, D]."""
+        return self._run(self._reference, batch)
+
+    def project(self, grad_tree: Any) -> jax.Array:
+        """Correction + projection of one gradient pytree (shaped like params): [D]."""
+        return self._project(kernel.tree_by_path(nn.unbox(grad_tree)), self.corrections)

@@ -1,0 +1,257 @@
+"""The per-example gradient kernels: fused (LoGra-style) and the vmap reference.
+
+Both compute, for every example z of a batch, the feature vector
+
+    φ(z) = [ Σ_{W in block b} P0_W (D_r ∇W D_c) P1_Wᵀ ]_{b = 1..B}        (D floats)
+
+with ∇W the per-example gradient of the output function (``output_objective``), D_r,
+D_c the optimizer correction (``correction.py``) and P the projections
+(``projection.py``).
+
+**Fused path.** For a Dense layer y = x W over T tokens, ∇W = Σ_t x_tᵀ g_t with
+g_t = ∂L/∂y_t, hence
+
+    P0 D_r ∇W D_c P1ᵀ = (x D_r P0ᵀ)ᵀ (g D_c P1ᵀ).
+
+Every ``nn.Dense`` call is intercepted (``nn.intercept_methods``, no model change): its
+input is projected in the forward pass, and a custom-VJP *tap* on its output receives
+g in the backward pass, projects it and returns the k x k product as the gradient of a
+zero accumulator. We differentiate only with respect to those accumulators (and the
+small non-Dense parameters), never the Dense kernels, so the backward pass computes
+input gradients only: no weight-gradient products and no per-example gradient is ever
+materialised. Parameters the kernel cannot fuse (norm scales, biases, N-d kernels,
+parameters with an elementwise correction) are differentiated per example under vmap
+and projected like the reference does: exact, with memory batch x their size.
+
+**Reference path.** ``vmap(grad)`` over the full parameter tree, then
+``project_gradients`` per example. Memory grows with batch x params; tests compare
+the fused path to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from trackstar_jax import losses
+from trackstar_jax.grads.correction import ParamCorrection
+from trackstar_jax.grads.layout import Layout, ParamEntry, path_str
+from trackstar_jax.grads.projection import projection_pair
+
+OUTPUT_FNS = ('loss', 'margin', 'logit', 'trak')
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def output_objective(
+    logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, output_fn: str
+) -> jax.Array:
+    """The scalar whose parameter gradient is G(z), for one example or a batch (summed).
+
+    * 'loss': Σ_t m_t · (−log p_t) — TrackStar's default.
+    * 'margin': Σ_t Q_t m_t f_t with f = log(p/(1−p)) and Q = p − 1 per token (§A.2.1);
+      since Loss = −log σ(f), this equals the loss gradient, computed through f.
+    * 'logit': Σ_t Q_t m_t f_t with f the target logit and Q = p − 1.
+    * 'trak': (1 − p̄) Σ_t m_t f_t with f the margin and p̄ the mean target
+      probability of the example — TRAK's example-level Q (the paper's harmful ablation).
+    Q is held constant (stop_gradient): it multiplies the gradient, it is not part of it.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    logp = losses.target_log_probs(logits, tokens)
+    if output_fn == 'loss':
+        return -jnp.sum(mask * logp)
+    if output_fn not in OUTPUT_FNS:
+        raise ValueError(f'output_fn must be one of {OUTPUT_FNS}, got {output_fn!r}.')
+    picked, lse_others = losses.target_logits(logits, tokens)
+    p = jax.lax.stop_gradient(jnp.exp(logp))
+    if output_fn == 'margin':
+        return jnp.sum(mask * (p - 1.0) * (picked - lse_others))
+    if output_fn == 'logit':
+        return jnp.sum(mask * (p - 1.0) * picked)
+    p_bar = jnp.sum(mask * p, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    return jnp.sum((1.0 - p_bar) * jnp.sum(mask * (picked - lse_others), axis=-1))
+
+
+def _correct(grad_matrix: jax.Array, corr: ParamCorrection) -> jax.Array:
+    if corr.kind == 'rank_one':
+        return corr.row[:, None] * grad_matrix * corr.col[None, :]
+    if corr.kind == 'elementwise':
+        return grad_matrix * corr.full.reshape(grad_matrix.shape)
+    return grad_matrix
+
+
+def project_gradients(
+    grads_by_path: Mapping[str, jax.Array],
+    layout: Layout,
+    corrections: Mapping[str, ParamCorrection],
+    seed: int,
+) -> jax.Array:
+    """Correction + two-sided projection of one example's gradients -> float32 [D].
+
+    Args:
+      grads_by_path: gradient arrays keyed by parameter path; excluded and absent
+        parameters contribute nothing.
+      layout: the block layout.
+      corrections: per-path corrections.
+      seed: projection seed.
+    """
+    k = layout.side
+    blocks = jnp.zeros((layout.num_blocks, k, k), jnp.float32)
+    for entry in layout.entries:
+        if entry.excluded or entry.path not in grads_by_path:
+            continue
+        w = grads_by_path[entry.path].astype(jnp.float32).reshape(entry.matrix_shape)
+        w = _correct(w, corrections[entry.path])
+        p0, p1 = projection_pair(seed, entry, k)
+        proj = jnp.matmul(jnp.matmul(p0, w, precision=HIGHEST), p1.T, precision=HIGHEST)
+        blocks = blocks.at[entry.block].add(proj)
+    return blocks.reshape(-1)
+
+
+def tree_by_path(tree: Any) -> dict[str, jax.Array]:
+    """A param-shaped tree flattened to {path: leaf}."""
+    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _set_by_path(tree: Any, values: Mapping[str, jax.Array]) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda p, leaf: values.get(path_str(p), leaf), tree)
+
+
+def reference_features(
+    model: nn.Module,
+    params: Any,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    layout: Layout,
+    corrections: Mapping[str, ParamCorrection],
+    seed: int,
+    output_fn: str,
+) -> jax.Array:
+    """vmap(grad) per example, then project: float32 [B, D]."""
+
+    def objective(p, toks, mask):
+        logits = model.apply({'params': p}, toks[None])
+        return output_objective(logits, toks[None], mask[None], output_fn)
+
+    per_example = jax.vmap(jax.grad(objective), in_axes=(None, 0, 0))(params, tokens, loss_mask)
+    return jax.vmap(lambda g: project_gradients(tree_by_path(g), layout, corrections, seed))(
+        per_example
+    )
+
+
+@jax.custom_vjp
+def _tap(y: jax.Array, x_proj: jax.Array, b_mat: jax.Array, acc: jax.Array) -> jax.Array:
+    """Identity on y; its VJP sends (x D_r P0ᵀ)ᵀ (g D_c P1ᵀ) to ``acc``."""
+    del x_proj, b_mat, acc
+    return y
+
+
+def _tap_fwd(y, x_proj, b_mat, acc):
+    del acc
+    return y, (x_proj, b_mat)
+
+
+def _tap_bwd(res, g):
+    x_proj, b_mat = res
+    k = x_proj.shape[-1]
+    g_proj = jnp.matmul(g.astype(jnp.float32), b_mat, precision=HIGHEST)
+    d_acc = jnp.matmul(x_proj.reshape(-1, k).T, g_proj.reshape(-1, k), precision=HIGHEST)
+    return g, jnp.zeros_like(x_proj), jnp.zeros_like(b_mat), d_acc
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def _module_path(module: nn.Module) -> str:
+    return '/'.join(str(p) for p in module.scope.path)
+
+
+def discover_dense_kernels(model: nn.Module, params: Any, seq_len: int) -> tuple[str, ...]:
+    """Paths of the kernels of every ``nn.Dense`` the model calls (abstract trace)."""
+    seen: list[str] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == '__call__':
+            seen.append(_module_path(context.module) + '/kernel')
+        return next_fun(*args, **kwargs)
+
+    def run(p):
+        with nn.intercept_methods(interceptor):
+            return model.apply({'params': p}, jnp.zeros((1, seq_len), jnp.int32))
+
+    jax.eval_shape(run, params)
+    return tuple(dict.fromkeys(seen))
+
+
+def fusable_paths(
+    layout: Layout, dense_kernels: tuple[str, ...], corrections: Mapping[str, ParamCorrection]
+) -> frozenset[str]:
+    """Dense kernels whose correction is rank-one (or none): the fused path takes these."""
+    entries = layout.by_path()
+    return frozenset(
+        p
+        for p in dense_kernels
+        if p in entries
+        and not entries[p].excluded
+        and len(entries[p].shape) == 2
+        and corrections[p].kind in ('rank_one', 'none')
+    )
+
+
+def _side_matrices(entry: ParamEntry, corr: ParamCorrection, seed: int, side: int):
+    """(D_r P0ᵀ [m, k], D_c P1ᵀ [n, k]) for one fused kernel."""
+    p0, p1 = projection_pair(seed, entry, side)
+    a, b = p0.T, p1.T
+    if corr.kind == 'rank_one':
+        a, b = corr.row[:, None] * a, corr.col[:, None] * b
+    return a, b
+
+
+def fused_features(
+    model: nn.Module,
+    params: Any,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    layout: Layout,
+    corrections: Mapping[str, ParamCorrection],
+    seed: int,
+    output_fn: str,
+    fused: frozenset[str],
+) -> jax.Array:
+    """The fused kernel: float32 [B, D] without per-example full gradients."""
+    entries = layout.by_path()
+    side = layout.side
+    mats = {p: _side_matrices(entries[p], corrections[p], seed, side) for p in sorted(fused)}
+    flat = tree_by_path(params)
+    rest = {
+        p: v for p, v in flat.items() if p in entries and not entries[p].excluded and p not in fused
+    }
+
+    def objective(acc, small, toks, mask):
+        def interceptor(next_fun, args, kwargs, context):
+            y = next_fun(*args, **kwargs)
+            if not (isinstance(context.module, nn.Dense) and context.method_name == '__call__'):
+                return y
+            path = _module_path(context.module) + '/kernel'
+            if path not in mats:
+                return y
+            a_mat, b_mat = mats[path]
+            x = jax.lax.stop_gradient(args[0]).astype(jnp.float32)
+            x_proj = jnp.matmul(x, a_mat, precision=HIGHEST)
+            return _tap(y, x_proj, b_mat, acc[entries[path].block])
+
+        with nn.intercept_methods(interceptor):
+            logits = model.apply({'params': _set_by_path(params, small)}, toks[None])
+        return output_objective(logits, toks[None], mask[None], output_fn)
+
+    acc0 = jnp.zeros((tokens.shape[0], layout.num_blocks, side, side), jnp.float32)
+    d_acc, d_rest = jax.vmap(jax.grad(objective, argnums=(0, 1)), in_axes=(0, None, 0, 0))(
+        acc0, rest, tokens, loss_mask
+    )
+    feats = d_acc.reshape(tokens.shape[0], -1)
+    if rest:
+        feats = feats + jax.vmap(lambda g: project_gradients(g, layout, corrections, seed))(d_rest)
+    return feats

@@ -1,0 +1,34 @@
+"""Two-sided Gaussian random projection, a pure function of (seed, block, path).
+
+For a gradient viewed as W (m x n) in a block of side k = sqrt(d_b):
+
+    P0 W P1ᵀ,   P0 ∈ R^{k x m},  P1 ∈ R^{k x n},  entries ~ N(0, 1/k) = N(0, 1/sqrt(d_b))
+
+so that E<P0 A P1ᵀ, P0 B P1ᵀ> = <A, B> (paper §A.2.2). The matrices are generated on
+device from ``fold_in`` keys each call and never stored; with threefry-partitionable
+keys they are the same on every host, mesh shape and run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from trackstar_jax.grads.layout import ParamEntry
+
+
+def projection_key(seed: int, entry: ParamEntry) -> jax.Array:
+    """The key of one parameter's projection pair."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), entry.block)
+    return jax.random.fold_in(key, entry.path_id)
+
+
+def projection_pair(seed: int, entry: ParamEntry, side: int) -> tuple[jax.Array, jax.Array]:
+    """(P0 [side, m], P1 [side, n]) for ``entry``; float32, entries N(0, 1/side)."""
+    m, n = entry.matrix_shape
+    k0, k1 = jax.random.split(projection_key(seed, entry))
+    scale = side**-0.5
+    return (
+        jax.random.normal(k0, (side, m), jnp.float32) * scale,
+        jax.random.normal(k1, (side, n), jnp.float32) * scale,
+    )
