@@ -9,6 +9,7 @@ CORE = [
     'orbax-checkpoint>=0.12.0,<0.13',
     'tensorstore>=0.1.80,<0.2',
     'numpy>=1.26,<3',
+    'ml_dtypes>=0.4',
     'absl-py>=2.1,<3',
     'gin-config>=0.5,<0.6',
     'sentencepiece>=0.2,<0.3',

@@ -130,6 +130,11 @@ class Featurizer:
             unfused_size,
         )
         self.params = self._place_params(params)
+        if mesh is not None:
+            # Replicated on every device of the mesh (also across processes).
+            self.corrections = jax.tree.map(
+                lambda x: jax.device_put(np.asarray(x), shd.replicated(mesh)), self.corrections
+            )
         self._fused = self._jit(
             lambda p, c, t, m: kernel.fused_features(
                 model, p, t, m, self.layout, c, spec.seed, spec.output_fn, self.fused_paths
@@ -155,7 +160,7 @@ class Featurizer:
             s = getattr(x, 'sharding', None)
             if isinstance(s, NamedSharding) and s.mesh == self.mesh:
                 return x
-            return jax.device_put(x, shd.replicated(self.mesh))
+            return jax.device_put(np.asarray(x), shd.replicated(self.mesh))
 
         return jax.tree.map(place, params)
 
@@ -193,6 +198,28 @@ class Featurizer:
             host['loss_mask'].astype(np.float32),
         )
         return out[:n] if pad else out
+
+    def local(self, batch: Mapping[str, Any]) -> np.ndarray:
+        """This process's rows in, this process's feature rows out (as numpy).
+
+        In a multi-process run every process calls this with its own rows of a global
+        batch (its ``DataLayout`` slice, the same count on every process) and gets the
+        features of exactly those rows. In a single process it is ``np.asarray(self(b))``.
+        """
+        if jax.process_count() == 1 or self.mesh is None:
+            return np.asarray(self(batch))
+        host = {k: np.asarray(batch[k]) for k in ('tokens', 'loss_mask')}
+        losses.validate_batch(host)
+        rows = NamedSharding(self.mesh, PartitionSpec(shd.DATA))
+        arrays = [
+            jax.make_array_from_process_local_data(rows, host[k].astype(dt))
+            for k, dt in (('tokens', np.int32), ('loss_mask', np.float32))
+        ]
+        out = self._fused(self.params, self.corrections, *arrays)
+        shards = {}
+        for s in out.addressable_shards:
+            shards.setdefault(s.index[0].start or 0, np.asarray(s.data))
+        return np.concatenate([shards[k] for k in sorted(shards)])
 
     def __call__(self, batch: Mapping[str, Any]) -> jax.Array:
         """Fused kernel: float32 [B, D] for a batch {'tokens', 'loss_mask'}."""

@@ -1,0 +1,59 @@
+"""Streaming an index through the mesh, chunk by chunk, each process reading its rows.
+
+Jobs that reduce over the whole index (fit, score) never load it whole: they ask this
+module for chunks as global arrays split along the mesh's ``data`` axis. Every process
+reads from TensorStore only the rows its devices hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from trackstar_jax import sharding as shd
+from trackstar_jax.data.pipeline import DataLayout
+from trackstar_jax.index import Index
+
+
+def default_mesh() -> Mesh:
+    """All devices along ``data``."""
+    return shd.make_mesh(((shd.DATA, -1), (shd.MODEL, 1)))
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
+def stream_rows(
+    idx: Index, mesh: Mesh, chunk_rows: int, rank: np.ndarray | None = None
+) -> Iterator[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+    """Yields (vectors [C, D], valid [C] bool, row [C] int32, rank [C] int32) along ``data``.
+
+    C = chunk_rows rounded up to the data axis; rows past the end are zero and invalid.
+    ``rank`` is a per-row int array carried along (default: the row itself).
+    """
+    c = round_up(chunk_rows, mesh.shape[shd.DATA])
+    layout = DataLayout.for_mesh(mesh, c)
+    rows_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA))
+    mat_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA, None))
+    n = len(idx)
+    for start in range(0, n, c):
+        lo = start + layout.row_start
+        hi = min(start + layout.row_stop, n)
+        local = np.zeros((layout.local_batch_size, idx.dim), np.float32)
+        if hi > lo:
+            local[: hi - lo] = idx.read(slice(lo, hi))
+        rows = np.arange(start + layout.row_start, start + layout.row_stop, dtype=np.int32)
+        valid = rows < n
+        ranks = rows if rank is None else rank[np.minimum(rows, n - 1)].astype(np.int32)
+        yield (
+            jax.make_array_from_process_local_data(mat_sharding, local),
+            *(
+                jax.make_array_from_process_local_data(rows_sharding, a)
+                for a in (valid, rows, ranks)
+            ),
+        )
