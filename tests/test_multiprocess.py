@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from trackstar_jax import sharding as shd
 from trackstar_jax import train
@@ -84,3 +85,37 @@ def test_two_process_step_equals_one_process(tmp_path):
     assert len(leaves) == len(got.files) - 1
     for path, value in leaves:
         np.testing.assert_allclose(got[jax.tree_util.keystr(path)], value, rtol=1e-5, atol=1e-7)
+
+
+PIPELINE_WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'pipeline_worker.py')
+
+
+def test_two_process_index_and_scores_equal_one_process(tmp_path):
+    from tests import pipeline_fixtures as fx
+    from trackstar_jax import hessian, index, scoring
+
+    root = tmp_path / 'two'
+    root.mkdir()
+    run_workers(PIPELINE_WORKER, [str(root)])
+    got = np.load(root / 'result.npz')
+
+    mesh = shd.make_mesh((('data', 4), ('model', 2)))
+    feat = fx.featurizer(mesh)
+    train = index.build(
+        feat, fx.train_examples(45), str(tmp_path / 'train'), chunk_rows=8, seq_len=fx.SEQ_LEN
+    )
+    queries = index.build(
+        feat, fx.query_examples(6), str(tmp_path / 'queries'), chunk_rows=4, seq_len=fx.SEQ_LEN
+    )
+    two_train = index.open(str(root / 'train'))
+    assert two_train.ids == train.ids
+    a = train.read(slice(0, len(train)))
+    np.testing.assert_allclose(
+        two_train.read(slice(0, len(train))), a, rtol=1e-5, atol=1e-6 * np.abs(a).max()
+    )
+    index.check_compatible(two_train.manifest, train.manifest)
+    h = hessian.fit(train.path, queries.path, lam='auto', mesh=mesh)
+    res = scoring.score(queries.path, train.path, hessian=h, k=5, mesh=mesh)
+    assert float(got['lam']) == pytest.approx(h.lam, rel=1e-4)
+    np.testing.assert_array_equal(got['rows'], res.rows)
+    np.testing.assert_allclose(got['scores'], res.scores, rtol=1e-5)

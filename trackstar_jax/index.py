@@ -272,7 +272,10 @@ def build(
     if not ids:
         raise ValueError('No examples to index.')
     seq_len = seq_len or max(len(ex['tokens']) for ex in examples)
-    manifest = make_manifest(featurizer, len(ids), dtype, chunk_rows, seq_len, manifest_extra)
+    # Through JSON once, so it compares equal to a manifest read back from disk.
+    manifest = json.loads(
+        json.dumps(make_manifest(featurizer, len(ids), dtype, chunk_rows, seq_len, manifest_extra))
+    )
     vec_path = os.path.join(path, 'vectors')
     n, d = len(ids), featurizer.dim
     if jax.process_index() == 0:

@@ -1,0 +1,198 @@
+"""Fit and score against brute-force float64 numpy computations from the index vectors."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests import pipeline_fixtures as fx
+from trackstar_jax import hessian, index, scoring
+from trackstar_jax import sharding as shd
+
+
+@pytest.fixture(scope='module')
+def indices(tmp_path_factory):
+    root = tmp_path_factory.mktemp('indices')
+    feat = fx.featurizer()
+    train = index.build(
+        feat, fx.train_examples(45), str(root / 'train'), chunk_rows=8, seq_len=fx.SEQ_LEN
+    )
+    queries = index.build(
+        feat, fx.query_examples(6), str(root / 'queries'), chunk_rows=8, seq_len=fx.SEQ_LEN
+    )
+    return str(root), train, queries
+
+
+def _blocks(v, nb):
+    return v.reshape(len(v), nb, -1)
+
+
+def _numpy_r(vectors, nb):
+    v = _blocks(vectors.astype(np.float64), nb)
+    return np.einsum('nbi,nbj->bij', v, v) / len(v)
+
+
+def _numpy_inv_sqrt(r, damping):
+    out = []
+    for block in r:
+        e, u = np.linalg.eigh(block)
+        e = np.maximum(e, 0)
+        out.append(u @ np.diag(1 / np.sqrt(e + damping * e.mean())) @ u.T)
+    return np.stack(out)
+
+
+def test_fit_matches_numpy_and_whitens(indices):
+    root, train, queries = indices
+    nb = 4
+    t = train.read(slice(0, len(train)))
+    q = queries.read(slice(0, len(queries)))
+    r_train, r_eval = _numpy_r(t, nb), _numpy_r(q, nb)
+    for lam in (0.3, 'auto'):
+        h = hessian.fit(train.path, queries.path, lam=lam, damping=0.05, chunk_rows=7)
+        if lam == 'auto':
+            # k scales with D: 1000 of 65536 -> at least component 1 here.
+            assert h.k_component == max(1, round(1000 * train.dim / 65536))
+            e_t = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in r_train]))[::-1]
+            e_e = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in r_eval]))[::-1]
+            k = h.k_component - 1
+            assert h.lam * e_e[k] == pytest.approx((1 - h.lam) * e_t[k], rel=1e-4)
+            np.testing.assert_allclose(h.eig_train, e_t, rtol=1e-4, atol=1e-6 * e_t[0])
+        r = h.lam * r_eval + (1 - h.lam) * r_train
+        np.testing.assert_allclose(
+            h.r_inv_sqrt,
+            _numpy_inv_sqrt(r, 0.05),
+            rtol=2e-3,
+            atol=1e-4 * np.abs(h.r_inv_sqrt).max(),
+        )
+        # R^-1/2 (R + δ I) R^-1/2 = I on the damped spectrum.
+        for b in range(nb):
+            e = np.maximum(np.linalg.eigvalsh(r[b]), 0)
+            damped = r[b] + 0.05 * e.mean() * np.eye(r.shape[1])
+            m = h.r_inv_sqrt[b].astype(np.float64)
+            np.testing.assert_allclose(m @ damped @ m, np.eye(r.shape[1]), atol=2e-3)
+
+
+def test_auto_lambda_recovers_a_known_crossing():
+    d = 65536 // 64
+    comp = np.arange(1, d + 1, dtype=np.float64)
+    e_train = 10.0 * comp**-0.5
+    e_eval = 1000.0 * comp**-1.5
+    # Curves λ e_eval and (1-λ) e_train meet at component k exactly when
+    # λ / (1 - λ) = e_train[k] / e_eval[k].
+    for k in (1, 16, 100, 700):
+        lam = hessian.auto_lambda(e_eval, e_train, k)
+        expected = e_train[k - 1] / (e_eval[k - 1] + e_train[k - 1])
+        assert lam == pytest.approx(expected, rel=1e-12)
+        diff = lam * e_eval - (1 - lam) * e_train
+        assert diff[k - 2] > 0 if k > 1 else True  # eval curve above before k
+        assert abs(diff[k - 1]) < 1e-12 * e_train[0] and diff[k] < 0  # below after
+
+
+def test_save_load_round_trip(indices, tmp_path):
+    _, train, queries = indices
+    h = hessian.fit(train.path, queries.path, lam='auto')
+    h.save(str(tmp_path / 'h'))
+    loaded = hessian.load(str(tmp_path / 'h'))
+    np.testing.assert_array_equal(loaded.r_inv_sqrt, h.r_inv_sqrt)
+    assert loaded.lam == h.lam and loaded.manifest == h.manifest
+    np.testing.assert_array_equal(loaded.eig_eval, h.eig_eval)
+    v = train.read(slice(0, 5))
+    np.testing.assert_allclose(
+        np.asarray(loaded.apply(v)),
+        np.einsum('nbi,bij->nbj', _blocks(v, 4), h.r_inv_sqrt).reshape(5, -1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match='query_path'):
+        hessian.fit(train.path, lam=0.5)
+
+
+def _brute_force(q, t, r_inv_sqrt, unit_norm, k, ids):
+    def tf(v):
+        v = v.astype(np.float64)
+        if r_inv_sqrt is not None:
+            r = r_inv_sqrt.astype(np.float64)
+            v = np.einsum('nbi,bij->nbj', _blocks(v, r.shape[0]), r).reshape(len(v), -1)
+        if unit_norm:
+            v = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return v
+
+    s = tf(q) @ tf(t).T
+    order = [sorted(range(len(t)), key=lambda j, row=row: (-row[j], ids[j]))[:k] for row in s]
+    return np.array(order), np.take_along_axis(s, np.array(order), 1)
+
+
+@pytest.mark.parametrize(
+    'use_r,unit_norm', [(False, False), (False, True), (True, False), (True, True)]
+)
+def test_scores_equal_brute_force(indices, use_r, unit_norm):
+    root, train, queries = indices
+    h = hessian.fit(train.path, queries.path, lam='auto') if use_r else None
+    res = scoring.score(
+        queries.path,
+        train.path,
+        hessian=h,
+        k=7,
+        unit_norm=unit_norm,
+        chunk_rows=10,
+        out_path=os.path.join(root, f'scores_{use_r}.jsonl'),
+    )
+    rows, scores = _brute_force(
+        queries.read(slice(0, 6)),
+        train.read(slice(0, 45)),
+        h.r_inv_sqrt if h else None,
+        unit_norm,
+        7,
+        train.ids,
+    )
+    np.testing.assert_array_equal(res.rows, rows)
+    np.testing.assert_allclose(res.scores, scores, rtol=1e-5, atol=1e-6 * np.abs(scores).max())
+    assert res.ids[0] == [train.ids[r] for r in rows[0]]
+    lines = open(os.path.join(root, f'scores_{use_r}.jsonl')).read().splitlines()
+    assert len(lines) == 6 * 7 and '"rank": 1' in lines[0]
+
+
+def test_identical_for_devices_and_chunk_sizes(indices):
+    _, train, queries = indices
+    h = hessian.fit(train.path, queries.path, lam='auto')
+    one = shd.make_mesh((('data', 1), ('model', 1)), devices=jax.devices()[:1])
+    base = scoring.score(queries.path, train.path, hessian=h, k=5, mesh=one, chunk_rows=45)
+    for mesh, chunk in [
+        (None, 8),
+        (shd.make_mesh((('data', 8), ('model', 1))), 3),
+        (shd.make_mesh((('data', 2), ('model', 4))), 16),
+    ]:
+        got = scoring.score(queries.path, train.path, hessian=h, k=5, mesh=mesh, chunk_rows=chunk)
+        np.testing.assert_array_equal(got.rows, base.rows)
+        np.testing.assert_allclose(got.scores, base.scores, rtol=1e-6)
+    # Fitting on 1 device or 8 gives the same R^-1/2.
+    h1 = hessian.fit(train.path, queries.path, lam='auto', mesh=one, chunk_rows=45)
+    np.testing.assert_allclose(
+        h1.r_inv_sqrt, h.r_inv_sqrt, rtol=1e-4, atol=1e-5 * np.abs(h.r_inv_sqrt).max()
+    )
+
+
+def test_ties_are_broken_by_example_id(tmp_path):
+    feat = fx.featurizer()
+    ex = fx.train_examples(6)
+    # Three identical examples under different ids, in non-sorted row order.
+    dup = [dict(ex[0], id=i) for i in ('c-dup', 'a-dup', 'b-dup')]
+    train = index.build(feat, ex[1:] + dup, str(tmp_path / 't'), chunk_rows=2, seq_len=fx.SEQ_LEN)
+    queries = index.build(
+        feat, [dict(ex[0], id='q')], str(tmp_path / 'q'), chunk_rows=2, seq_len=fx.SEQ_LEN
+    )
+    for chunk in (1, 3, 8):
+        res = scoring.score(queries.path, train.path, k=3, chunk_rows=chunk)
+        assert res.ids[0] == ['a-dup', 'b-dup', 'c-dup']
+        assert res.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_score_refuses_mismatched_indices(indices, tmp_path):
+    _, train, _ = indices
+    other = fx.featurizer(spec=fx.grads.GradientSpec(block_dim=16, num_layer_blocks=2, seed=9))
+    q = index.build(
+        other, fx.query_examples(2), str(tmp_path / 'q'), chunk_rows=2, seq_len=fx.SEQ_LEN
+    )
+    with pytest.raises(index.ManifestMismatchError):
+        scoring.score(q.path, train.path)

@@ -1,0 +1,155 @@
+"""The index job: storage round trip, manifests, and resume after SIGKILL."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import pipeline_fixtures as fx
+from trackstar_jax import grads, index
+from trackstar_jax import sharding as shd
+
+KILL_WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'index_kill_worker.py')
+
+
+@pytest.fixture(scope='module')
+def feat():
+    return fx.featurizer()
+
+
+def test_index_round_trip_equals_featurizer(feat, tmp_path):
+    ex = fx.train_examples(21)
+    idx = index.build(
+        feat, ex, str(tmp_path / 'train'), chunk_rows=8, batch_size=4, seq_len=fx.SEQ_LEN
+    )
+    assert len(idx) == 21 and idx.ids == [e['id'] for e in ex]
+    direct = np.concatenate(
+        [np.asarray(feat(index._pad_rows(ex[i : i + 1], 1, fx.SEQ_LEN))) for i in range(21)]
+    )
+    np.testing.assert_allclose(
+        idx.read(slice(0, 21)), direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max()
+    )
+    np.testing.assert_allclose(idx.read([20, 3, 5]), idx.read(slice(0, 21))[[20, 3, 5]])
+    np.testing.assert_allclose(
+        idx.norms(), np.linalg.norm(idx.read(slice(0, 21)), axis=1), rtol=1e-6
+    )
+    np.testing.assert_array_equal(idx.num_targets(), [e['loss_mask'].sum() for e in ex])
+    m = idx.manifest
+    assert m['dim'] == feat.dim and m['num_examples'] == 21 and m['projection_seed'] == 3
+    assert m['correction'] == 'adafactor' and m['output_fn'] == 'loss'
+    assert m['layout']['params']['layers_0/mlp/wo/kernel'] == 1
+    # Chunk size does not change the vectors; reopening an index is free.
+    other = index.build(feat, ex, str(tmp_path / 'train5'), chunk_rows=5, seq_len=fx.SEQ_LEN)
+    np.testing.assert_allclose(
+        other.read(slice(0, 21)),
+        idx.read(slice(0, 21)),
+        rtol=1e-5,
+        atol=1e-6 * np.abs(direct).max(),
+    )
+    again = index.build(
+        feat, ex, str(tmp_path / 'train'), chunk_rows=8, batch_size=4, seq_len=fx.SEQ_LEN
+    )
+    np.testing.assert_array_equal(again.read(slice(0, 21)), idx.read(slice(0, 21)))
+
+
+def test_bfloat16_storage(feat, tmp_path):
+    ex = fx.train_examples(9)
+    f32 = index.build(feat, ex, str(tmp_path / 'a'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+    bf16 = index.build(
+        feat, ex, str(tmp_path / 'b'), chunk_rows=4, seq_len=fx.SEQ_LEN, dtype='bfloat16'
+    )
+    a, b = f32.read(slice(0, 9)), bf16.read(slice(0, 9))
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(b, a, rtol=2**-7, atol=1e-30)
+    assert not np.array_equal(a, b)
+    index.check_compatible(f32.manifest, bf16.manifest)  # storage dtype is not semantic
+
+
+def test_manifest_mismatch_is_refused(feat, tmp_path):
+    ex = fx.train_examples(6)
+    a = index.build(feat, ex, str(tmp_path / 'a'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+    model, params, state = fx.model_and_state()
+    other_seed = grads.Featurizer(
+        model, params, grads.GradientSpec(block_dim=16, num_layer_blocks=2, seed=4), opt_state=state
+    )
+    b = index.build(other_seed, ex, str(tmp_path / 'b'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+    with pytest.raises(index.ManifestMismatchError, match='spec'):
+        index.check_compatible(a.manifest, b.manifest)
+    other_model, other_params, other_state = fx.model_and_state(seed=5)
+    c = index.build(
+        grads.Featurizer(other_model, other_params, fx.SPEC, opt_state=other_state),
+        ex,
+        str(tmp_path / 'c'),
+        chunk_rows=4,
+        seq_len=fx.SEQ_LEN,
+    )
+    with pytest.raises(index.ManifestMismatchError, match='model_fingerprint'):
+        index.check_compatible(a.manifest, c.manifest)
+    # Re-using a path with other settings is refused, not silently mixed.
+    with pytest.raises(ValueError, match='other settings'):
+        index.build(other_seed, ex, str(tmp_path / 'a'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+    with pytest.raises(ValueError, match='unique'):
+        index.build(feat, ex + ex[:1], str(tmp_path / 'd'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+
+
+def _run_kill_worker(path, kill_at):
+    # The workers share a persistent compilation cache, so only the first compiles.
+    cache = os.path.join(os.path.dirname(path), 'jax_cache')
+    env = {
+        **os.environ,
+        'PYTHONPATH': os.path.dirname(os.path.dirname(__file__)),
+        'JAX_COMPILATION_CACHE_DIR': cache,
+        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+        'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+    }
+    return subprocess.run(
+        [sys.executable, KILL_WORKER, path, str(kill_at)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sigkill_mid_build_then_resume_gives_identical_index(tmp_path):
+    reference = str(tmp_path / 'reference')
+    done = _run_kill_worker(reference, -1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = index.open(reference)
+    # Kill points: events are (vectors_written, meta_written, committed) per chunk, so
+    # these land after the first vectors but before any metadata or marker (0), after a
+    # chunk's metadata but before its commit marker (4), and right after a commit (5).
+    for kill_at in (0, 4, 5):
+        path = str(tmp_path / f'killed_{kill_at}')
+        first = _run_kill_worker(path, kill_at)
+        assert first.returncode == -9, (kill_at, first.returncode, first.stderr[-2000:])
+        with pytest.raises(RuntimeError, match='incomplete'):
+            index.open(path)
+        resumed = _run_kill_worker(path, -1)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        got = index.open(path)
+        assert got.ids == ref.ids
+        np.testing.assert_array_equal(got.read(slice(0, len(ref))), ref.read(slice(0, len(ref))))
+        np.testing.assert_array_equal(got.norms(), ref.norms())
+        np.testing.assert_array_equal(got.num_targets(), ref.num_targets())
+        markers = sorted(os.listdir(os.path.join(path, 'progress')))
+        assert len(markers) == len(set(markers)) == 6
+        rows = [json.load(open(os.path.join(path, 'progress', m)))['rows'] for m in markers]
+        assert rows == [[i * 4, min(i * 4 + 4, 23)] for i in range(6)]
+        shutil.rmtree(path)
+
+
+def test_sharded_featurizer_builds_the_same_index(feat, tmp_path):
+    ex = fx.train_examples(13)
+    one = index.build(feat, ex, str(tmp_path / 'one'), chunk_rows=8, seq_len=fx.SEQ_LEN)
+    mesh = shd.make_mesh((('data', 4), ('model', 2)))
+    eight = index.build(
+        fx.featurizer(mesh), ex, str(tmp_path / 'eight'), chunk_rows=8, seq_len=fx.SEQ_LEN
+    )
+    index.check_compatible(one.manifest, eight.manifest)
+    a = one.read(slice(0, 13))
+    np.testing.assert_allclose(eight.read(slice(0, 13)), a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
