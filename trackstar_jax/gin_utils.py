@@ -13,6 +13,7 @@ import gin
 import jax
 
 from trackstar_jax import train
+from trackstar_jax.jobs import attribution, train_lm  # noqa: F401 (registers the jobs)
 from trackstar_jax.models import decoder
 
 GIN_CONFIG_DIR = os.path.join(

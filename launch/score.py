@@ -1,0 +1,15 @@
+r"""Exact top-k proponents of every query over the whole train index.
+
+python launch/score.py --gin_file=pipeline_demo.gin --workdir=runs/demo
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trackstar_jax import launch_utils  # noqa: E402
+from trackstar_jax.jobs import attribution  # noqa: E402
+
+if __name__ == '__main__':
+    launch_utils.run(attribution.score_queries, 'pipeline_demo.gin', 'score.gin')

@@ -1,0 +1,43 @@
+"""The shared absl main of every launch/ script: flags, gin, distributed start-up."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags
+
+from trackstar_jax import gin_utils
+
+_GIN_FILES = flags.DEFINE_multi_string(
+    'gin_file', None, 'gin files (searched also under gin_configs/).'
+)
+_GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'gin bindings.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Job directory.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator', None, 'host:port of process 0 for jax.distributed (pods).'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'jax.distributed processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
+
+
+def run(job: Callable[..., Any], default_gin: str, config_name: str) -> None:
+    """Runs ``job(workdir=...)`` under absl with gin configured from the flags.
+
+    Process 0 writes the operative gin config to ``workdir/<config_name>``.
+    """
+
+    def main(argv):
+        del argv
+        if _COORDINATOR.value or os.environ.get('TRACKSTAR_AUTO_DISTRIBUTED'):
+            import jax
+
+            jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        gin_utils.parse(_GIN_FILES.value or [default_gin], _GIN_BINDINGS.value)
+        os.makedirs(_WORKDIR.value, exist_ok=True)
+        job(workdir=_WORKDIR.value)
+        gin_utils.write_operative_config(_WORKDIR.value, config_name)
+
+    app.run(main, argv=sys.argv)
