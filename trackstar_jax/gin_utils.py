@@ -13,7 +13,8 @@ import gin
 import jax
 
 from trackstar_jax import train
-from trackstar_jax.jobs import attribution, train_lm  # noqa: F401 (registers the jobs)
+from trackstar_jax.eval import fact_tracing  # noqa: F401 (registers the jobs)
+from trackstar_jax.jobs import attribution, train_lm  # noqa: F401
 from trackstar_jax.models import decoder
 
 GIN_CONFIG_DIR = os.path.join(

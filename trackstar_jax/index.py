@@ -366,3 +366,57 @@ def build(
     if procs > 1:
         multihost_utils.sync_global_devices('index_done')
     return open(path)
+
+
+def derive(
+    src: Index,
+    path: str,
+    transform: Callable[[np.ndarray], np.ndarray],
+    manifest_updates: Mapping[str, Any],
+    chunk_rows: int | None = None,
+) -> Index:
+    """Writes a new index whose vectors are ``transform(chunk)`` of ``src``'s, chunk by chunk.
+
+    Used for derived views of an index (e.g. a smaller projection taken as a sub-block,
+    see ``trackstar_jax.eval.fact_tracing``); resumable like :func:`build`.
+    """
+    chunk_rows = chunk_rows or int(src.manifest['chunk_rows'])
+    probe = transform(src.read(slice(0, 1)))
+    manifest = json.loads(
+        json.dumps(
+            {
+                **src.manifest,
+                **manifest_updates,
+                'dim': int(probe.shape[1]),
+                'chunk_rows': chunk_rows,
+                'derived_from': os.path.abspath(src.path),
+            }
+        )
+    )
+    manifest.pop('created', None)
+    n, d, dtype = len(src), int(probe.shape[1]), manifest['dtype']
+    mpath = os.path.join(path, 'manifest.json')
+    if not os.path.exists(mpath):
+        os.makedirs(os.path.join(path, 'progress'), exist_ok=True)
+        _atomic_write(os.path.join(path, 'ids.json'), json.dumps(src.ids))
+        for name, shape, chunk, dt in (
+            ('vectors', (n, d), (chunk_rows, d), dtype),
+            ('norms', (n,), (chunk_rows,), 'float32'),
+            ('num_targets', (n,), (chunk_rows,), 'float32'),
+        ):
+            _open_array(os.path.join(path, name), create=True, shape=shape, chunk=chunk, dtype=dt)
+        _atomic_write(mpath, json.dumps(manifest, indent=1))
+    vectors = _open_array(os.path.join(path, 'vectors'))
+    norms = _open_array(os.path.join(path, 'norms'))
+    targets = _open_array(os.path.join(path, 'num_targets'))
+    src_targets = src.num_targets()
+    for chunk in range(_num_chunks(manifest)):
+        if os.path.exists(_marker(path, chunk)):
+            continue
+        start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, n)
+        vecs = np.asarray(transform(src.read(slice(start, stop))), np.float32)
+        vectors[start:stop].write(vecs.astype(DTYPES[dtype])).result()
+        norms[start:stop].write(np.linalg.norm(vecs, axis=1).astype(np.float32)).result()
+        targets[start:stop].write(src_targets[start:stop]).result()
+        _atomic_write(_marker(path, chunk), json.dumps({'rows': [start, stop]}))
+    return open(path)

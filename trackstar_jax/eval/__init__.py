@@ -1,0 +1,1 @@
+"""Evaluation: fact-tracing metrics, tail-patch, baselines, reports."""

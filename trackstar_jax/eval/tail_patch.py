@@ -1,0 +1,98 @@
+"""The tail-patch influence metric (paper §4.3).
+
+From the final checkpoint, with the training hyperparameters and the saved optimizer
+state, take one training step on a single proponent and measure the change in the
+probability of the query's target sequence, p(target | prompt) = exp(−Loss(query)).
+The step is the trainer's own (``train.loss_fn`` + ``train.make_optimizer``), vmapped
+over proponents so a query's top-k steps run as one batched computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trackstar_jax import losses, train
+
+
+def make_tail_patch(model: nn.Module, train_config: train.TrainConfig) -> Callable[..., jax.Array]:
+    """``fn(params, opt_state, proponents, query) -> Δp [K]`` (jit-compiled).
+
+    Args of ``fn``:
+      params, opt_state: the final checkpoint's.
+      proponents: {'tokens', 'loss_mask'} of shape [K, T]: one step on each row alone.
+      query: {'tokens', 'loss_mask'} of shape [T'] (the completion masked in).
+    """
+    tx = train.make_optimizer(train_config)
+
+    def target_prob(params, query):
+        logits = model.apply({'params': params}, query['tokens'][None])
+        loss = losses.example_losses(logits, query['tokens'][None], query['loss_mask'][None])
+        return jnp.exp(-loss[0])
+
+    def one(params, opt_state, tokens, mask, query):
+        batch = {'tokens': tokens[None], 'loss_mask': mask[None]}
+        grads = jax.grad(lambda p: train.loss_fn(model, p, batch))(params)
+        updates, _ = tx.update(grads, opt_state, params)
+        return target_prob(optax.apply_updates(params, updates), query)
+
+    @jax.jit
+    def fn(params, opt_state, proponents, query):
+        before = target_prob(params, query)
+        after = jax.vmap(one, in_axes=(None, None, 0, 0, None))(
+            params, opt_state, proponents['tokens'], proponents['loss_mask'], query
+        )
+        return after - before
+
+    return fn
+
+
+def tail_patch_scores(
+    fn: Callable[..., jax.Array],
+    params: Any,
+    opt_state: Any,
+    pairs: Sequence[tuple[str, str]],
+    queries: dict[str, dict],
+    examples: dict[str, dict],
+    k: int,
+    seq_len: int,
+    query_len: int,
+) -> dict[tuple[str, str], float]:
+    """Δp for every (query id, proponent id) pair, k proponents per batched call.
+
+    Pairs are grouped by query; each group is padded to k rows (padding rows are
+    computed and dropped) so one compiled shape serves every call.
+    """
+    by_query: dict[str, list[str]] = {}
+    for q, p in pairs:
+        by_query.setdefault(q, [])
+        if p not in by_query[q]:
+            by_query[q].append(p)
+    out = {}
+    for q, props in sorted(by_query.items()):
+        query = _pad(queries[q], query_len)
+        for s in range(0, len(props), k):
+            group = props[s : s + k]
+            rows = [_pad(examples[p], seq_len) for p in group]
+            rows += [rows[0]] * (k - len(rows))
+            batch = {key: np.stack([r[key] for r in rows]) for key in ('tokens', 'loss_mask')}
+            deltas = np.asarray(fn(params, opt_state, batch, query))
+            for p, d in zip(group, deltas, strict=False):
+                out[(q, p)] = float(d)
+    return out
+
+
+def _pad(example: dict, length: int) -> dict[str, np.ndarray]:
+    t = np.asarray(example['tokens'], np.int32)[:length]
+    m = np.asarray(example['loss_mask'], np.float32)[:length]
+    tokens = np.zeros(length, np.int32)
+    mask = np.zeros(length, np.float32)
+    tokens[: len(t)] = t
+    mask[: len(m)] = m
+    return {'tokens': tokens, 'loss_mask': mask}
