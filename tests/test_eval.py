@@ -1,0 +1,172 @@
+"""Fact-tracing evaluation: metrics by hand, tail-patch vs the trainer, user facts path."""
+
+import gzip
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from trackstar_jax import checkpoint, grads, losses, train
+from trackstar_jax import sharding as shd
+from trackstar_jax.data import corpus as corpus_lib
+from trackstar_jax.eval import fact_tracing, metrics
+from trackstar_jax.eval import tail_patch as tail_patch_lib
+from trackstar_jax.models import DecoderConfig, DecoderLM
+
+
+def test_mrr_and_recall_hand_computed():
+    retrieved = [['a', 'b', 'c'], ['x', 'y', 'z'], ['p', 'q', 'r'], ['m', 'n', 'o']]
+    entailing = [{'b'}, {'x', 'z'}, {'nothing'}, {'o', 'n'}]
+    # Reciprocal ranks: 1/2, 1/1, 0, 1/2 -> MRR = 2/4.
+    assert metrics.mrr(retrieved, entailing) == pytest.approx((0.5 + 1 + 0 + 0.5) / 4)
+    assert metrics.recall_at_k(retrieved, entailing, k=10) == pytest.approx(3 / 4)
+    assert metrics.recall_at_k(retrieved, entailing, k=1) == pytest.approx(1 / 4)
+    assert metrics.reciprocal_rank(['a'] * 9 + ['hit'], {'hit'}) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        metrics.mrr(retrieved, entailing[:2])
+
+
+CFG = DecoderConfig(vocab_size=4096, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=32)
+TC = train.TrainConfig(
+    seq_len=32,
+    batch_size=8,
+    min_dim_size_to_factor=16,
+    warmup_steps=2,
+    num_steps=3,
+    learning_rate=0.01,
+)
+
+
+def _trained_checkpoint(directory):
+    """A tiny model trained 3 steps on embedded-corpus text, checkpointed with its state."""
+    mesh = shd.make_mesh((('data', 1), ('model', 1)), devices=jax.devices()[:1])
+    model = DecoderLM(CFG)
+    state, shardings = train.create_train_state(model, TC, mesh)
+    step = train.make_train_step(model, train.make_optimizer(TC), mesh, shardings)
+    rng = np.random.default_rng(0)
+    for _ in range(TC.num_steps):
+        toks = rng.integers(3, 4096, (8, 32)).astype(np.int32)
+        mask = np.ones((8, 32), np.float32)
+        mask[:, 0] = 0
+        state, _ = step(state, train.global_batch(mesh, {'tokens': toks, 'loss_mask': mask}))
+    mngr = checkpoint.manager(directory)
+    checkpoint.save(
+        mngr, TC.num_steps, state, {'model': CFG.to_dict(), 'train': TC.to_dict(), 'tokenizer': ''}
+    )
+    return model, state, mesh, shardings
+
+
+def test_tail_patch_equals_one_real_trainer_step(tmp_path):
+    model, state, mesh, shardings = _trained_checkpoint(str(tmp_path / 'ckpt'))
+    fn = tail_patch_lib.make_tail_patch(model, TC)
+    rng = np.random.default_rng(1)
+    proponents = {
+        'tokens': rng.integers(3, 4096, (3, 32)).astype(np.int32),
+        'loss_mask': np.ones((3, 32), np.float32),
+    }
+    proponents['loss_mask'][:, 0] = 0
+    proponents['loss_mask'][1, 20:] = 0
+    query = {
+        'tokens': rng.integers(3, 4096, 16).astype(np.int32),
+        'loss_mask': np.zeros(16, np.float32),
+    }
+    query['loss_mask'][10:] = 1
+    host_state = jax.device_get(state)
+    deltas = np.asarray(fn(host_state.params, host_state.opt_state, proponents, query))
+
+    def prob(params):
+        logits = model.apply({'params': params}, query['tokens'][None])
+        return float(
+            np.exp(
+                -losses.example_losses(logits, query['tokens'][None], query['loss_mask'][None])[0]
+            )
+        )
+
+    step = train.make_train_step(model, train.make_optimizer(TC), mesh, shardings)
+    before = prob(host_state.params)
+    for i in range(3):
+        one = {k: v[i : i + 1] for k, v in proponents.items()}
+        fresh = jax.device_put(host_state, shardings)
+        new_state, _ = step(fresh, train.global_batch(mesh, one))
+        expected = prob(jax.device_get(new_state.params)) - before
+        assert deltas[i] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert np.any(deltas != 0)
+
+
+def test_user_supplied_facts_and_corpus(tmp_path):
+    """A user's own JSONL facts and corpus run through the evaluation without code."""
+    _trained_checkpoint(str(tmp_path / 'ckpt'))
+    corpus = [
+        {'id': f'doc{i}', 'text': t}
+        for i, t in enumerate(
+            [
+                'Paris is the capital of France.',
+                'Berlin is the capital of Germany.',
+                'Rome is the capital of Italy.',
+                'The cat sat on the mat.',
+                'Water boils at 100 C.',
+                'Madrid is the capital of Spain.',
+                'Lisbon is the capital of Portugal.',
+                'The sun is a star.',
+            ]
+        )
+    ]
+    facts = [
+        {
+            'id': 'f1',
+            'prompt': 'The capital of France is',
+            'target': ' Paris',
+            'entailing_ids': ['doc0'],
+        },
+        {
+            'id': 'f2',
+            'prompt': 'The capital of Italy is',
+            'target': ' Rome',
+            'entailing_ids': ['doc2', 'missing-doc'],
+        },
+        {
+            'id': 'f3',
+            'prompt': 'The capital of Spain is',
+            'target': ' Madrid',
+            'entailing_ids': ['doc5'],
+        },
+    ]
+    with gzip.open(tmp_path / 'corpus.jsonl.gz', 'wt') as f:
+        f.writelines(json.dumps(r) + '\n' for r in corpus)
+    with open(tmp_path / 'facts.jsonl', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in facts)
+    methods = [
+        fact_tracing.Method(name='Gold (entailing)', kind='gold'),
+        fact_tracing.Method(name='Exp 2 (+unit)', correction='none', hessian='none'),
+        fact_tracing.Method(name='TrackStar', hessian='mixed'),
+    ]
+    out = fact_tracing.evaluate(
+        workdir=str(tmp_path / 'eval'),
+        checkpoint_dir=str(tmp_path / 'ckpt'),
+        methods=methods,
+        spec=grads.GradientSpec(block_dim=16, num_layer_blocks=2),
+        facts_path=str(tmp_path / 'facts.jsonl'),
+        corpus_path=str(tmp_path / 'corpus.jsonl.gz'),
+        tokenizer_path=corpus_lib.TOKENIZER_PATH,
+        num_queries=None,
+        num_distractors=None,
+        seq_len=16,
+        query_len=16,
+        k=3,
+        batch_size=8,
+        dimension_sweep=(4,),
+    )
+    table = out['table']
+    assert out['num_queries'] == 3 and out['num_candidates'] == 8
+    assert table['Gold (entailing)']['all']['mrr'] == 1.0
+    for name in ('Exp 2 (+unit)', 'TrackStar', 'TrackStar@D=16'):
+        row = table[name]['all']
+        assert 0.0 <= row['mrr'] <= 1.0 and 0.0 <= row['recall@10'] <= 1.0
+        assert np.isfinite(row['tail_patch'])
+    assert 0.0 < table['TrackStar']['lam'] < 1.0
+    for name in ('results.json', 'results.md', 'report.html'):
+        assert os.path.getsize(tmp_path / 'eval' / name) > 0
+    html = open(tmp_path / 'eval' / 'report.html').read()
+    assert 'The capital of France is' in html and '<code>doc' in html
