@@ -132,7 +132,8 @@ def test_minilm_matches_pytorch_reference(encoder):
 def test_minilm_batching_invariant(encoder):
     from trackstar_jax.eval.minilm import MiniLMEncoder
 
-    sents = json.load(open(FIXTURE))['sentences'][:4] + ['x', 'A much longer one. ' * 8]
+    with open(FIXTURE) as f:
+        sents = json.load(f)['sentences'][:4] + ['x', 'A much longer one. ' * 8]
     small = MiniLMEncoder(batch_size=2)
     np.testing.assert_allclose(small.encode(sents), encoder.encode(sents), atol=2e-6)
 

@@ -329,6 +329,12 @@ def build(
         start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, n)
         mine = [examples[r] for r in range(start, stop)] if chunk < num_chunks else []
         batch = _pad_rows(mine, chunk_rows, seq_len)
+        if procs == 1:
+            # Pad only to the chunk's longest example (rounded up to a power of two, so
+            # few shapes compile): short examples (glosses, queries) cost their length.
+            longest = max([len(ex['tokens']) for ex in mine] or [1])
+            bucket = min(seq_len, max(16, 1 << (longest - 1).bit_length()))
+            batch = {k: v[:, :bucket] for k, v in batch.items()}
         out = np.concatenate(
             [
                 featurizer.local({k: v[b : b + batch_size] for k, v in batch.items()})

@@ -52,9 +52,11 @@ def _layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     return (x - mu) * jax.lax.rsqrt(var + eps) * p['g'] + p['b']
 
 
-@partial(jax.jit, static_argnames=('heads', 'eps'))
-def _encode(params: dict, ids: jax.Array, mask: jax.Array, *, heads: int, eps: float):
-    """Pooled, unit-norm embeddings [B, H] of token ids [B, L] with 0/1 mask [B, L]."""
+@partial(jax.jit, static_argnames=('heads', 'eps', 'normalize'))
+def _encode(
+    params: dict, ids: jax.Array, mask: jax.Array, *, heads: int, eps: float, normalize: bool
+):
+    """Mean-pooled embeddings [B, H] of token ids [B, L] with 0/1 mask [B, L]."""
     emb = params['emb']
     seq = ids.shape[1]
     # token_type_ids are all 0 for single sentences.
@@ -77,6 +79,8 @@ def _encode(params: dict, ids: jax.Array, mask: jax.Array, *, heads: int, eps: f
     m = mask[..., None].astype(x.dtype)
     # sentence-transformers Pooling: sum of token embeddings / clamp(token count, 1e-9).
     pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+    if not normalize:
+        return pooled
     # sentence-transformers Normalize = torch F.normalize(p=2, eps=1e-12).
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
@@ -152,14 +156,16 @@ class MiniLMEncoder:
         # Keep [CLS] + the first max_len - 2 word pieces + the final [SEP].
         return [t if len(t) <= self.max_len else t[: self.max_len - 1] + t[-1:] for t in ids]
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
         """Embeds texts.
 
         Args:
             texts: the strings to embed.
+            normalize: L2-normalise (the model's Normalize module); False gives the raw
+                mean-pooled vectors.
 
         Returns:
-            float32 [len(texts), 384] unit-norm embeddings, in input order.
+            float32 [len(texts), 384] embeddings (unit norm if `normalize`), in input order.
         """
         ids = self.tokenize(texts)
         out = np.zeros((len(ids), self.dim), np.float32)
@@ -169,12 +175,15 @@ class MiniLMEncoder:
             idx = order[s : s + self.batch_size]
             longest = len(ids[idx[0]])
             seq = min(next(b for b in (*_LEN_BUCKETS, longest) if b >= longest), self.max_len)
-            rows = 1 << (len(idx) - 1).bit_length()  # power-of-two rows: few distinct shapes
+            # Power-of-two row counts: few distinct shapes, so few jit compiles.
+            rows = min(1 << (len(idx) - 1).bit_length(), self.batch_size)
             tok = np.zeros((rows, seq), np.int32)  # [PAD] is id 0
             mask = np.zeros((rows, seq), np.int32)
             for r, i in enumerate(idx):
                 tok[r, : len(ids[i])] = ids[i]
                 mask[r, : len(ids[i])] = 1
-            emb = _encode(self._params, tok, mask, heads=self._heads, eps=self._eps)
+            emb = _encode(
+                self._params, tok, mask, heads=self._heads, eps=self._eps, normalize=normalize
+            )
             out[idx] = np.asarray(emb)[: len(idx)]
         return out
