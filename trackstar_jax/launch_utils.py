@@ -21,6 +21,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'jax.distributed processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
+_JAX_CACHE = flags.DEFINE_string(
+    'jax_cache_dir', os.path.join('runs', '.jax_cache'),
+    'Persistent XLA compilation cache ("" disables): re-runs skip compilation.')
 
 
 def run(job: Callable[..., Any], default_gin: str, config_name: str) -> None:
@@ -31,6 +34,10 @@ def run(job: Callable[..., Any], default_gin: str, config_name: str) -> None:
 
     def main(argv):
         del argv
+        if _JAX_CACHE.value:
+            import jax
+
+            jax.config.update('jax_compilation_cache_dir', os.path.abspath(_JAX_CACHE.value))
         if _COORDINATOR.value or os.environ.get('TRACKSTAR_AUTO_DISTRIBUTED'):
             import jax
 

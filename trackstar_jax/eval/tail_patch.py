@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from trackstar_jax import losses, train
 
@@ -75,7 +78,8 @@ def tail_patch_scores(
         if p not in by_query[q]:
             by_query[q].append(p)
     out = {}
-    for q, props in sorted(by_query.items()):
+    t0, total = time.time(), sum(len(v) for v in by_query.values())
+    for i, (q, props) in enumerate(sorted(by_query.items())):
         query = _pad(queries[q], query_len)
         for s in range(0, len(props), k):
             group = props[s : s + k]
@@ -85,6 +89,11 @@ def tail_patch_scores(
             deltas = np.asarray(fn(params, opt_state, batch, query))
             for p, d in zip(group, deltas, strict=False):
                 out[(q, p)] = float(d)
+        if i % 20 == 0 or i == len(by_query) - 1:
+            rate = len(out) / max(time.time() - t0, 1e-9)
+            logging.info('Tail-patch: %d/%d queries, %d/%d steps, %.1f steps/s, ETA %.0fs',
+                         i + 1, len(by_query), len(out), total, rate,
+                         (total - len(out)) / max(rate, 1e-9))
     return out
 
 
