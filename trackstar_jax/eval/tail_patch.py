@@ -9,10 +9,9 @@ over proponents so a query's top-k steps run as one batched computation.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import time
 
 import flax.linen as nn
 import jax
