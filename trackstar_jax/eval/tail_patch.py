@@ -90,9 +90,15 @@ def tail_patch_scores(
                 out[(q, p)] = float(d)
         if i % 20 == 0 or i == len(by_query) - 1:
             rate = len(out) / max(time.time() - t0, 1e-9)
-            logging.info('Tail-patch: %d/%d queries, %d/%d steps, %.1f steps/s, ETA %.0fs',
-                         i + 1, len(by_query), len(out), total, rate,
-                         (total - len(out)) / max(rate, 1e-9))
+            logging.info(
+                'Tail-patch: %d/%d queries, %d/%d steps, %.1f steps/s, ETA %.0fs',
+                i + 1,
+                len(by_query),
+                len(out),
+                total,
+                rate,
+                (total - len(out)) / max(rate, 1e-9),
+            )
     return out
 
 

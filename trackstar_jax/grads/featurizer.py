@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from trackstar_jax import losses
 from trackstar_jax import sharding as shd
 from trackstar_jax.grads import correction as correction_lib
-from trackstar_jax.grads import kernel
+from trackstar_jax.grads import kernel, projection
 from trackstar_jax.grads.layout import ATTENTION_PATTERN, LAYER_PATTERN, Layout, build_layout
 
 
@@ -135,17 +135,27 @@ class Featurizer:
             self.corrections = jax.tree.map(
                 lambda x: jax.device_put(np.asarray(x), shd.replicated(mesh)), self.corrections
             )
+        # P is a pure function of (seed, block, path), drawn on device once per
+        # Featurizer (one compiled generator; inside every kernel it dominated compile
+        # time) and kept in device memory, never written anywhere.
+        entries = [e for e in self.layout.entries if not e.excluded]
+        rep = None if mesh is None else shd.replicated(mesh)
+        projections = jax.jit(
+            lambda: projection.projection_pairs(spec.seed, entries, self.layout.side),
+            out_shardings=rep,
+        )()
+        self.constants = (self.corrections, projections)
         self._fused = self._jit(
             lambda p, c, t, m: kernel.fused_features(
-                model, p, t, m, self.layout, c, spec.seed, spec.output_fn, self.fused_paths
+                model, p, t, m, self.layout, c[0], c[1], spec.output_fn, self.fused_paths
             )
         )
         self._reference = self._jit(
             lambda p, c, t, m: kernel.reference_features(
-                model, p, t, m, self.layout, c, spec.seed, spec.output_fn
+                model, p, t, m, self.layout, c[0], c[1], spec.output_fn
             )
         )
-        self._project = jax.jit(lambda g, c: kernel.project_gradients(g, self.layout, c, spec.seed))
+        self._project = jax.jit(lambda g, c: kernel.project_gradients(g, self.layout, c[0], c[1]))
 
     @property
     def dim(self) -> int:
@@ -193,7 +203,7 @@ class Featurizer:
             }
         out = fn(
             self.params,
-            self.corrections,
+            self.constants,
             host['tokens'].astype(np.int32),
             host['loss_mask'].astype(np.float32),
         )
@@ -215,7 +225,7 @@ class Featurizer:
             jax.make_array_from_process_local_data(rows, host[k].astype(dt))
             for k, dt in (('tokens', np.int32), ('loss_mask', np.float32))
         ]
-        out = self._fused(self.params, self.corrections, *arrays)
+        out = self._fused(self.params, self.constants, *arrays)
         shards = {}
         for s in out.addressable_shards:
             shards.setdefault(s.index[0].start or 0, np.asarray(s.data))
@@ -231,4 +241,4 @@ class Featurizer:
 
     def project(self, grad_tree: Any) -> jax.Array:
         """Correction + projection of one gradient pytree (shaped like params): [D]."""
-        return self._project(kernel.tree_by_path(nn.unbox(grad_tree)), self.corrections)
+        return self._project(kernel.tree_by_path(nn.unbox(grad_tree)), self.constants)

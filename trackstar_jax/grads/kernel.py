@@ -39,8 +39,7 @@ import jax.numpy as jnp
 
 from trackstar_jax import losses
 from trackstar_jax.grads.correction import ParamCorrection
-from trackstar_jax.grads.layout import Layout, ParamEntry, path_str
-from trackstar_jax.grads.projection import projection_pair
+from trackstar_jax.grads.layout import Layout, path_str
 
 OUTPUT_FNS = ('loss', 'margin', 'logit', 'trak')
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -87,7 +86,7 @@ def project_gradients(
     grads_by_path: Mapping[str, jax.Array],
     layout: Layout,
     corrections: Mapping[str, ParamCorrection],
-    seed: int,
+    projections: Mapping[str, tuple[jax.Array, jax.Array]],
 ) -> jax.Array:
     """Correction + two-sided projection of one example's gradients -> float32 [D].
 
@@ -96,19 +95,19 @@ def project_gradients(
         parameters contribute nothing.
       layout: the block layout.
       corrections: per-path corrections.
-      seed: projection seed.
+      projections: (P0, P1) per path, from ``projection.projection_pairs``.
     """
     k = layout.side
-    blocks = jnp.zeros((layout.num_blocks, k, k), jnp.float32)
-    for entry in layout.entries:
-        if entry.excluded or entry.path not in grads_by_path:
-            continue
+    present = [e for e in layout.entries if not e.excluded and e.path in grads_by_path]
+    pairs = projections
+    blocks = [jnp.zeros((k, k), jnp.float32) for _ in range(layout.num_blocks)]
+    for entry in present:
         w = grads_by_path[entry.path].astype(jnp.float32).reshape(entry.matrix_shape)
         w = _correct(w, corrections[entry.path])
-        p0, p1 = projection_pair(seed, entry, k)
+        p0, p1 = pairs[entry.path]
         proj = jnp.matmul(jnp.matmul(p0, w, precision=HIGHEST), p1.T, precision=HIGHEST)
-        blocks = blocks.at[entry.block].add(proj)
-    return blocks.reshape(-1)
+        blocks[entry.block] = blocks[entry.block] + proj
+    return jnp.stack(blocks).reshape(-1)
 
 
 def tree_by_path(tree: Any) -> dict[str, jax.Array]:
@@ -127,7 +126,7 @@ def reference_features(
     loss_mask: jax.Array,
     layout: Layout,
     corrections: Mapping[str, ParamCorrection],
-    seed: int,
+    projections: Mapping[str, tuple[jax.Array, jax.Array]],
     output_fn: str,
 ) -> jax.Array:
     """vmap(grad) per example, then project: float32 [B, D]."""
@@ -137,7 +136,7 @@ def reference_features(
         return output_objective(logits, toks[None], mask[None], output_fn)
 
     per_example = jax.vmap(jax.grad(objective), in_axes=(None, 0, 0))(params, tokens, loss_mask)
-    return jax.vmap(lambda g: project_gradients(tree_by_path(g), layout, corrections, seed))(
+    return jax.vmap(lambda g: project_gradients(tree_by_path(g), layout, corrections, projections))(
         per_example
     )
 
@@ -159,7 +158,7 @@ def _tap_bwd(res, g):
     k = x_proj.shape[-1]
     g_proj = jnp.matmul(g.astype(jnp.float32), b_mat, precision=HIGHEST)
     d_acc = jnp.matmul(x_proj.reshape(-1, k).T, g_proj.reshape(-1, k), precision=HIGHEST)
-    return g, jnp.zeros_like(x_proj), jnp.zeros_like(b_mat), d_acc
+    return g, None, None, d_acc  # None: symbolic zero cotangents
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
@@ -201,9 +200,8 @@ def fusable_paths(
     )
 
 
-def _side_matrices(entry: ParamEntry, corr: ParamCorrection, seed: int, side: int):
+def _side_matrices(p0: jax.Array, p1: jax.Array, corr: ParamCorrection):
     """(D_r P0ᵀ [m, k], D_c P1ᵀ [n, k]) for one fused kernel."""
-    p0, p1 = projection_pair(seed, entry, side)
     a, b = p0.T, p1.T
     if corr.kind == 'rank_one':
         a, b = corr.row[:, None] * a, corr.col[:, None] * b
@@ -217,14 +215,17 @@ def fused_features(
     loss_mask: jax.Array,
     layout: Layout,
     corrections: Mapping[str, ParamCorrection],
-    seed: int,
+    projections: Mapping[str, tuple[jax.Array, jax.Array]],
     output_fn: str,
     fused: frozenset[str],
 ) -> jax.Array:
-    """The fused kernel: float32 [B, D] without per-example full gradients."""
+    """The fused kernel: float32 [B, D] without per-example full gradients.
+
+    ``projections`` holds (P0, P1) per path (``projection.projection_pairs``).
+    """
     entries = layout.by_path()
     side = layout.side
-    mats = {p: _side_matrices(entries[p], corrections[p], seed, side) for p in sorted(fused)}
+    mats = {p: _side_matrices(*projections[p], corrections[p]) for p in sorted(fused)}
     flat = tree_by_path(params)
     rest = {
         p: v for p, v in flat.items() if p in entries and not entries[p].excluded and p not in fused
@@ -247,11 +248,15 @@ def fused_features(
             logits = model.apply({'params': _set_by_path(params, small)}, toks[None])
         return output_objective(logits, toks[None], mask[None], output_fn)
 
-    acc0 = jnp.zeros((tokens.shape[0], layout.num_blocks, side, side), jnp.float32)
+    # One accumulator leaf per block (not one stacked array indexed per tap): each tap's
+    # cotangent then adds straight into its leaf instead of a scatter into a stack.
+    acc0 = [jnp.zeros((tokens.shape[0], side, side), jnp.float32) for _ in range(layout.num_blocks)]
     d_acc, d_rest = jax.vmap(jax.grad(objective, argnums=(0, 1)), in_axes=(0, None, 0, 0))(
         acc0, rest, tokens, loss_mask
     )
-    feats = d_acc.reshape(tokens.shape[0], -1)
+    feats = jnp.stack(d_acc, axis=1).reshape(tokens.shape[0], -1)
     if rest:
-        feats = feats + jax.vmap(lambda g: project_gradients(g, layout, corrections, seed))(d_rest)
+        feats = feats + jax.vmap(lambda g: project_gradients(g, layout, corrections, projections))(
+            d_rest
+        )
     return feats
