@@ -80,9 +80,14 @@ def tail_patch_scores(
     t0, total = time.time(), sum(len(v) for v in by_query.values())
     for i, (q, props) in enumerate(sorted(by_query.items())):
         query = _pad(queries[q], query_len)
+        props = sorted(props, key=lambda p: (len(examples[p]['tokens']), p))
         for s in range(0, len(props), k):
             group = props[s : s + k]
-            rows = [_pad(examples[p], seq_len) for p in group]
+            # Pad to the group's longest proponent (a power of two, so few shapes
+            # compile): glosses cost their length, not seq_len.
+            longest = max(len(examples[p]['tokens']) for p in group)
+            length = min(seq_len, max(16, 1 << (longest - 1).bit_length()))
+            rows = [_pad(examples[p], length) for p in group]
             rows += [rows[0]] * (k - len(rows))
             batch = {key: np.stack([r[key] for r in rows]) for key in ('tokens', 'loss_mask')}
             deltas = np.asarray(fn(params, opt_state, batch, query))
