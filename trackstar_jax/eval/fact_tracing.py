@@ -17,6 +17,7 @@ For a set of facts (prompt, target, entailing example ids) and a candidate corpu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -217,7 +218,20 @@ def evaluate(
         key = (correction, output_fn)
         if key not in indices:
             feat = featurizer(correction, output_fn)
-            root = os.path.join(workdir, 'indices', f'{correction}_{output_fn}_{spec.block_dim}')
+            # The directory names what the vectors depend on, so a changed candidate set
+            # or spec never meets a stale index.
+            tag = hashlib.sha256(
+                json.dumps(
+                    [
+                        spec.to_dict(),
+                        seq_len,
+                        query_len,
+                        [c['id'] for c in candidates],
+                        [q['id'] for q in queries],
+                    ]
+                ).encode()
+            ).hexdigest()[:8]
+            root = os.path.join(workdir, 'indices', f'{correction}_{output_fn}_{tag}')
             extra = {'checkpoint_dir': os.path.abspath(checkpoint_dir)}
             train = index.build(
                 feat,
