@@ -143,6 +143,7 @@ def autocorrelation(
     acc = jax.device_put(jnp.zeros((nb, db, db), jnp.float32), shd.replicated(mesh))
     t0 = time.time()
     for i, (vecs, *_) in enumerate(streaming.stream_rows(idx, mesh, chunk_rows)):
+        jax.block_until_ready(acc)  # at most two chunks in flight: flat memory
         acc = add(acc, vecs)  # padding rows are zero: they add nothing
         if i % 16 == 0:
             done = min((i + 1) * chunk_rows, len(idx))

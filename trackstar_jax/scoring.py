@@ -92,10 +92,11 @@ def make_chunk_scorer(mesh: Mesh, k: int, use_hessian: bool, unit_norm: bool):
         t = transform(vecs, r_inv_sqrt if use_hessian else None, unit_norm)
         s = jnp.matmul(queries, t.T, precision=jax.lax.Precision.HIGHEST)  # [Q, C_local]
         s = jnp.where(valid[None, :], s, NEG_INF)
-        q = queries.shape[0]
-        bc = lambda a: jnp.broadcast_to(a[None, :], (q, a.shape[0]))  # noqa: E731
-        kk = min(k, vecs.shape[0])
-        top = _top_k_sorted(s, bc(ranks), bc(rows), kk)
+        # lax.top_k puts the lower index first among equal scores, and stream_rows
+        # orders each device's rows by id rank: so this is (score desc, id asc) too,
+        # without sorting the whole [Q, C] block.
+        vals, idx = jax.lax.top_k(s, min(k, vecs.shape[0]))
+        top = (vals, ranks[idx], rows[idx])
         # Gather every device's local top-k and merge them (same result on all).
         gathered = [jax.lax.all_gather(a, shd.DATA, axis=1, tiled=True) for a in top]
         return _top_k_sorted(*gathered, min(k, gathered[0].shape[1]))
@@ -177,8 +178,10 @@ def score(
     )
     step = make_chunk_scorer(mesh, k, hessian is not None, unit_norm)
     t0 = time.time()
-    chunks = streaming.stream_rows(train, mesh, chunk_rows, rank=id_rank)
+    chunks = streaming.stream_rows(train, mesh, chunk_rows, rank=id_rank, sort_by_rank=True)
     for i, (vecs, valid, rows, ranks) in enumerate(chunks):
+        # At most two chunks in flight: memory stays flat however long the index is.
+        jax.block_until_ready(best)
         best = step(*best, queries, vecs, valid, ranks, rows, r_mat)
         if i % 16 == 0:
             done = min((i + 1) * chunk_rows, len(train))

@@ -8,6 +8,7 @@ reads from TensorStore only the rows its devices hold.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -29,19 +30,26 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def stream_rows(
-    idx: Index, mesh: Mesh, chunk_rows: int, rank: np.ndarray | None = None
+    idx: Index,
+    mesh: Mesh,
+    chunk_rows: int,
+    rank: np.ndarray | None = None,
+    sort_by_rank: bool = False,
 ) -> Iterator[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
     """Yields (vectors [C, D], valid [C] bool, row [C] int32, rank [C] int32) along ``data``.
 
-    C = chunk_rows rounded up to the data axis; rows past the end are zero and invalid.
-    ``rank`` is a per-row int array carried along (default: the row itself).
+    C = chunk_rows rounded up to the data axis; rows past the end are zero, invalid and
+    rank last. ``rank`` is a per-row int array carried along (default: the row itself);
+    with ``sort_by_rank`` each process's rows of a chunk are ordered by it. The next
+    chunk is read from TensorStore while the caller computes on this one.
     """
     c = round_up(chunk_rows, mesh.shape[shd.DATA])
     layout = DataLayout.for_mesh(mesh, c)
     rows_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA))
     mat_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA, None))
     n = len(idx)
-    for start in range(0, n, c):
+
+    def load(start: int):
         lo = start + layout.row_start
         hi = min(start + layout.row_stop, n)
         local = np.zeros((layout.local_batch_size, idx.dim), np.float32)
@@ -50,10 +58,23 @@ def stream_rows(
         rows = np.arange(start + layout.row_start, start + layout.row_stop, dtype=np.int32)
         valid = rows < n
         ranks = rows if rank is None else rank[np.minimum(rows, n - 1)].astype(np.int32)
-        yield (
-            jax.make_array_from_process_local_data(mat_sharding, local),
-            *(
-                jax.make_array_from_process_local_data(rows_sharding, a)
-                for a in (valid, rows, ranks)
-            ),
-        )
+        ranks = np.where(valid, ranks, np.iinfo(np.int32).max).astype(np.int32)
+        if sort_by_rank:
+            order = np.argsort(ranks, kind='stable')
+            local, rows, valid, ranks = local[order], rows[order], valid[order], ranks[order]
+        return local, valid, rows, ranks
+
+    starts = list(range(0, n, c))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, starts[0]) if starts else None
+        for i in range(len(starts)):
+            local, valid, rows, ranks = pending.result()
+            if i + 1 < len(starts):
+                pending = pool.submit(load, starts[i + 1])
+            yield (
+                jax.make_array_from_process_local_data(mat_sharding, local),
+                *(
+                    jax.make_array_from_process_local_data(rows_sharding, a)
+                    for a in (valid, rows, ranks)
+                ),
+            )
