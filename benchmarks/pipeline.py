@@ -1,0 +1,834 @@
+"""Benchmarks of the index -> fit -> score pipeline on synthetic indices.
+
+Measures, in one run (so every ratio compares numbers taken side by side):
+
+1. Scoring throughput (train rows/s) of ``scoring.score`` with and without a Hessian,
+   against plain in-memory jit'd baselines of the same sizes: ``queries @ chunk.T``
+   alone, and the same plus a running ``lax.top_k`` (with a Hessian, also the same math
+   as the library done in memory: R^-1/2 per block, unit norm, matmul, top-k). Without
+   a Hessian it also splits the library's time into its parts: TensorStore read through
+   ``streaming.stream_rows``, the jit'd chunk step of ``scoring.make_chunk_scorer`` on
+   staged chunks, and the ``scoring._top_k_sorted`` sort inside it.
+2. Index write and read MB/s (TensorStore zarr3, float32 and bfloat16).
+3. ``hessian.fit`` time against one in-memory block-diagonal XᵀX of the same rows, with
+   fit's parts (streaming passes, eigen-decompositions) timed inside the real call.
+4. Peak RSS (``ru_maxrss``) of ``score`` and ``fit`` over an index of N and 4N rows, each
+   in a fresh subprocess, next to an idle process that has imported the same modules.
+
+The synthetic indices are written with the library's own TensorStore helpers in exactly
+the layout ``index.build`` produces (manifest, ids, zarr3 vectors/norms/num_targets and
+a commit marker per chunk). Their manifest is copied from a small index really built by
+the test fixtures' featurizer with a ``GradientSpec`` whose D is the one wanted, so the
+vectors are random but everything the library checks is genuine. Fit and score are the
+library's real code paths.
+
+Usage (from the repository root)::
+
+    PYTHONPATH=. python benchmarks/pipeline.py            # full run, ~15 min on 2 cores
+    PYTHONPATH=. python benchmarks/pipeline.py --quick    # ~2 min smoke run
+
+Results go to ``benchmarks/results/pipeline.json`` (``pipeline_quick.json`` with
+``--quick``), with the command line, JAX version, devices and a timestamp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+K = 10
+SCORE_CHUNK = 4096  # scoring.score's default chunk_rows; the baselines use the same chunks
+STORE_CHUNK = 256  # index.build's default chunk_rows (storage chunk and commit unit)
+NUM_BLOCKS = 4  # the fixture model: 2 layers x (attention, MLP)
+
+
+def _peak_rss_mb() -> dict[str, float]:
+    """Peak resident set size of this process in MiB, two ways.
+
+    'vm_hwm_mb' (VmHWM of /proc/self/status) is the high-water mark of this process's
+    own address space, and is the one reported. 'ru_maxrss_mb' (getrusage) is kept for
+    reference only: Linux carries ru_maxrss over fork + exec, so a fresh child reports
+    at least its parent's RSS at the fork (here the whole benchmark process).
+    """
+    out = {'ru_maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    with contextlib.suppress(OSError), open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                out['vm_hwm_mb'] = int(line.split()[1]) / 1024.0
+    out['maxrss_mb'] = out.get('vm_hwm_mb', out['ru_maxrss_mb'])
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+    """(median seconds, all seconds, last result) of ``repeats`` calls of ``fn``."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return _median(times), times, out
+
+
+# ----------------------------------------------------------------------------- indices
+
+
+def template_manifest(block_dim: int, workdir: str) -> dict[str, Any]:
+    """The manifest of a small index really built with the test fixtures' featurizer.
+
+    D = NUM_BLOCKS * block_dim (the fixture model has 2 layers, attention and MLP split).
+    """
+    from tests import pipeline_fixtures as fx
+    from trackstar_jax import grads, index
+
+    spec = grads.GradientSpec(block_dim=block_dim, num_layer_blocks=2, seed=3)
+    path = os.path.join(workdir, f'template_b{block_dim}')
+    idx = index.build(
+        fx.featurizer(spec=spec),
+        fx.train_examples(8),
+        path,
+        chunk_rows=4,
+        seq_len=fx.SEQ_LEN,
+    )
+    manifest = dict(idx.manifest)
+    assert manifest['dim'] == NUM_BLOCKS * block_dim, manifest['dim']
+    return manifest
+
+
+def write_synthetic(
+    path: str,
+    template: dict[str, Any],
+    n: int,
+    *,
+    dtype: str = 'float32',
+    chunk_rows: int = STORE_CHUNK,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Writes an n-row index of random vectors laid out exactly as ``index.build`` does.
+
+    Rows are a fixed random block of ``chunk_rows`` rows, column-rolled differently per
+    chunk and scaled per row (cheap to make, all scores distinct). Only the vector writes
+    (``vectors[a:b].write(v.astype(dtype)).result()``, the line ``index.build`` uses) are
+    timed.
+
+    Returns:
+      {'seconds', 'stored_mb', 'rows'} of the vector writes.
+    """
+    from trackstar_jax import index
+
+    d = int(template['dim'])
+    os.makedirs(os.path.join(path, 'progress'), exist_ok=True)
+    index._atomic_write(
+        os.path.join(path, 'ids.json'), json.dumps([f'ex-{i:08d}' for i in range(n)])
+    )
+    for name, shape, chunk, dt in (
+        ('vectors', (n, d), (chunk_rows, d), dtype),
+        ('norms', (n,), (chunk_rows,), 'float32'),
+        ('num_targets', (n,), (chunk_rows,), 'float32'),
+    ):
+        index._open_array(os.path.join(path, name), create=True, shape=shape, chunk=chunk, dtype=dt)
+    manifest = {
+        **template,
+        'num_examples': n,
+        'dtype': dtype,
+        'chunk_rows': chunk_rows,
+        'created': time.time(),
+        'synthetic': True,
+    }
+    index._atomic_write(os.path.join(path, 'manifest.json'), json.dumps(manifest, indent=1))
+    vectors = index._open_array(os.path.join(path, 'vectors'))
+    norms = index._open_array(os.path.join(path, 'norms'))
+    targets = index._open_array(os.path.join(path, 'num_targets'))
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((chunk_rows, d), dtype=np.float32)
+    scales = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    seconds = 0.0
+    for c in range(index._num_chunks(manifest)):
+        start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
+        vecs = np.roll(base, 7 * c + 1, axis=1)[: stop - start] * scales[start:stop, None]
+        t0 = time.perf_counter()
+        vectors[start:stop].write(vecs.astype(index.DTYPES[dtype])).result()
+        seconds += time.perf_counter() - t0
+        norms[start:stop].write(np.linalg.norm(vecs, axis=1).astype(np.float32)).result()
+        targets[start:stop].write(np.full(stop - start, 8.0, np.float32)).result()
+        index._atomic_write(index._marker(path, c), json.dumps({'rows': [start, stop]}))
+    stored = n * d * np.dtype(index.DTYPES[dtype]).itemsize / 2**20
+    return {'seconds': seconds, 'stored_mb': stored, 'rows': n}
+
+
+def read_throughput(path: str, repeats: int) -> dict[str, float]:
+    """MB/s (stored bytes) of reading a whole index with ``Index.chunks`` (float32 out)."""
+    from trackstar_jax import index
+
+    idx = index.open(path)
+    itemsize = np.dtype(index.DTYPES[idx.manifest['dtype']]).itemsize
+    stored = len(idx) * idx.dim * itemsize / 2**20
+
+    def run() -> int:
+        return sum(v.shape[0] for _, v in idx.chunks(SCORE_CHUNK))
+
+    med, times, _ = _timed(run, repeats)
+    return {'stored_mb': stored, 'seconds': med, 'all_seconds': times, 'mb_s': stored / med}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _in_memory(path: str):
+    """The whole index as a device array [N, D] float32."""
+    import jax.numpy as jnp
+
+    from trackstar_jax import index
+
+    idx = index.open(path)
+    return jnp.asarray(idx.read(slice(0, len(idx))))
+
+
+def baselines(queries, train, r_inv_sqrt, repeats: int) -> dict[str, dict[str, Any]]:
+    """Plain in-memory, jit'd baselines over ``train`` split in SCORE_CHUNK-row chunks.
+
+    Without r_inv_sqrt: 'matmul' (queries @ chunk.T only) and 'matmul_topk' (plus a
+    running lax.top_k merge). With r_inv_sqrt: 'same_math', what the library computes
+    but in memory: R^-1/2 per block and unit norm on the chunk, matmul, running top-k.
+    The queries are already transformed (as the library does once per call).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = train.shape[0]
+    chunks = [train[s : s + SCORE_CHUNK] for s in range(0, n, SCORE_CHUNK)]
+    q = queries.shape[0]
+
+    mm = jax.jit(lambda a, b: a @ b.T)
+
+    def merge(best_v, best_i, s, offset):
+        v, i = jax.lax.top_k(s, K)
+        v, j = jax.lax.top_k(jnp.concatenate([best_v, v], 1), K)
+        return v, jnp.take_along_axis(jnp.concatenate([best_i, i + offset], 1), j, 1)
+
+    @jax.jit
+    def mm_topk(best_v, best_i, a, b, offset):
+        return merge(best_v, best_i, a @ b.T, offset)
+
+    @jax.jit
+    def same_math(best_v, best_i, a, b, offset, r):
+        nb, db, _ = r.shape
+        t = jnp.einsum('nbi,bij->nbj', b.reshape(b.shape[0], nb, db), r).reshape(b.shape)
+        t = t / jnp.linalg.norm(t, axis=1, keepdims=True)
+        return merge(best_v, best_i, a @ t.T, offset)
+
+    def run_mm(cs):
+        jax.block_until_ready([mm(queries, c) for c in cs])
+
+    def run_topk(cs, fn, *extra):
+        best = (jnp.full((q, K), -jnp.inf, jnp.float32), jnp.zeros((q, K), jnp.int32))
+        for i, c in enumerate(cs):
+            best = fn(*best, queries, c, i * SCORE_CHUNK, *extra)
+        jax.block_until_ready(best)
+
+    if r_inv_sqrt is None:
+        runs = {'matmul': run_mm, 'matmul_topk': lambda cs: run_topk(cs, mm_topk)}
+    else:
+        runs = {'same_math': lambda cs: run_topk(cs, same_math, r_inv_sqrt)}
+    out = {}
+    for name, fn in runs.items():
+        fn(chunks[:1])  # compile (all chunks have the same shape)
+        med, times, _ = _timed(lambda fn=fn: fn(chunks), repeats)
+        out[name] = {'seconds': med, 'all_seconds': times, 'rows_s': n / med}
+    return out
+
+
+def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str, float]:
+    """Where ``score`` (no Hessian, unit norm) spends its time, from its own pieces.
+
+    read: iterating ``streaming.stream_rows`` as ``score`` does (TensorStore read, rows
+      ordered by id rank, staging as jax arrays), with nothing computed on the chunks.
+    step: the jit'd ``make_chunk_scorer`` step over chunks already staged in memory.
+    normalise: ``scoring.transform`` (unit norm) alone on the staged chunks.
+    compile: lowering + compiling the step (``score`` builds a new jit on every call).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from trackstar_jax import index, scoring, streaming
+
+    train, queries_idx = index.open(train_path), index.open(query_path)
+    mesh = streaming.default_mesh()
+    rank = np.arange(len(train), dtype=np.int32)
+    q = len(queries_idx)
+
+    def read_all():
+        staged = list(streaming.stream_rows(train, mesh, SCORE_CHUNK, rank=rank, sort_by_rank=True))
+        jax.block_until_ready(staged)
+        return staged
+
+    read_s, read_all_s, staged = _timed(read_all, repeats)
+    queries = scoring.transform(jnp.asarray(queries_idx.read(slice(0, q))), None, True)
+    r_dummy = jnp.zeros((1, 1, 1), jnp.float32)
+
+    def fresh_best():
+        return (
+            jnp.full((q, K), -jnp.inf, jnp.float32),
+            jnp.full((q, K), np.iinfo(np.int32).max, jnp.int32),
+            jnp.full((q, K), -1, jnp.int32),
+        )
+
+    step = scoring.make_chunk_scorer(mesh, K, False, True)
+    vecs, valid, rows, ranks = staged[0]
+    t0 = time.perf_counter()
+    step.lower(*fresh_best(), queries, vecs, valid, ranks, rows, r_dummy).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run_steps():
+        best = fresh_best()
+        for vecs, valid, rows, ranks in staged:
+            best = step(*best, queries, vecs, valid, ranks, rows, r_dummy)
+        jax.block_until_ready(best)
+
+    run_steps()
+    step_s, step_all, _ = _timed(run_steps, repeats)
+    norm = jax.jit(lambda v: scoring.transform(v, None, True))
+    jax.block_until_ready(norm(staged[0][0]))
+    norm_s, _, _ = _timed(lambda: jax.block_until_ready([norm(c[0]) for c in staged]), repeats)
+    return {
+        'read_s': read_s,
+        'read_all_s': read_all_s,
+        'step_s': step_s,
+        'step_all_s': step_all,
+        'normalise_s': norm_s,
+        'compile_s': compile_s,
+    }
+
+
+def bench_scoring(
+    query_path: str,
+    train_path: str,
+    h,
+    repeats: int,
+    hessian_repeats: int,
+    breakdown: bool,
+) -> dict[str, Any]:
+    """Library score vs in-memory baselines for one (Q, D, N), with and without ``h``."""
+    import jax.numpy as jnp
+
+    from trackstar_jax import index, scoring
+
+    n = len(index.open(train_path))
+    train = _in_memory(train_path)
+    q_raw = _in_memory(query_path)
+    r = jnp.asarray(h.r_inv_sqrt)
+    out: dict[str, Any] = {}
+    plain = None
+    for label, hess, reps in (('no_hessian', None, repeats), ('hessian', h, hessian_repeats)):
+
+        def run(hess=hess):
+            return scoring.score(query_path, train_path, hessian=hess, k=K, unit_norm=True)
+
+        med, times, _ = _timed(run, reps)
+        q = scoring.transform(q_raw, r if hess is not None else None, True)
+        if hess is None:
+            base = plain = baselines(q, train, None, repeats)
+        else:  # plain matmul costs the same with transformed queries: reuse, same run
+            base = {**plain, **baselines(q, train, r, reps)}
+        entry = {
+            'score_seconds': med,
+            'score_all_seconds': times,
+            'score_rows_s': n / med,
+            'baselines': base,
+            'ratio_vs_matmul': base['matmul']['seconds'] / med,
+            'ratio_vs_matmul_topk': base['matmul_topk']['seconds'] / med,
+        }
+        if hess is not None:
+            entry['ratio_vs_same_math'] = base['same_math']['seconds'] / med
+        out[label] = entry
+    if breakdown:
+        out['no_hessian']['breakdown'] = score_breakdown(query_path, train_path, repeats)
+    del train
+    return out
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+@contextlib.contextmanager
+def _timing(module, names: tuple[str, ...]) -> Iterator[dict[str, list[float]]]:
+    """Wraps ``module.<name>`` functions with timers for the duration of the block."""
+    log: dict[str, list[float]] = {name: [] for name in names}
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                log[name].append(time.perf_counter() - t0)
+
+        return timed
+
+    for name, fn in originals.items():
+        setattr(module, name, wrap(name, fn))
+    try:
+        yield log
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+
+def xtx(train, nb: int, repeats: int) -> dict[str, Any]:
+    """One in-memory block-diagonal XᵀX (einsum 'nbi,nbj->bij', jit'd) of all rows."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def f(x):
+        v = x.reshape(x.shape[0], nb, -1)
+        return jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
+
+    jax.block_until_ready(f(train[:8]))
+    jax.block_until_ready(f(train))  # compile for the full shape
+    med, times, _ = _timed(lambda: jax.block_until_ready(f(train)), repeats)
+    return {'seconds': med, 'all_seconds': times}
+
+
+def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
+    """``hessian.fit`` against one in-memory XᵀX of the same rows.
+
+    full: time ``hessian.fit(train, queries, lam='auto')`` end to end, its parts timed
+      inside the real call (streaming passes, eigvalsh, eigh).
+    not full (for big blocks, where the float64 eigen-decompositions take minutes): time
+      the real ``hessian.autocorrelation`` passes, and ``hessian._sorted_eigs`` /
+      ``hessian.inverse_sqrt`` on one block of the real R; the fit estimate is the passes
+      plus num_blocks x (2 eigvalsh + 1 eigh), which is what ``fit`` runs. The Hessian
+      returned (for the scoring timings only) repeats block 0's R^-1/2 for every block.
+
+    Returns:
+      (results dict, a Hessian for the scoring benchmark).
+    """
+    from trackstar_jax import hessian, index
+
+    train_idx = index.open(train_path)
+    n = len(train_idx)
+    runs, h = [], None
+    for _ in range(repeats):
+        if full:
+            names = ('autocorrelation', '_sorted_eigs', 'inverse_sqrt')
+            with _timing(hessian, names) as log:
+                t0 = time.perf_counter()
+                h = hessian.fit(train_path, query_path, lam='auto')
+                total = time.perf_counter() - t0
+            runs.append(
+                {
+                    'total': total,
+                    'autocorrelation_train': log['autocorrelation'][0],
+                    'autocorrelation_query': log['autocorrelation'][1],
+                    'eigvalsh': sum(log['_sorted_eigs']),
+                    'eigh_inverse_sqrt': sum(log['inverse_sqrt']),
+                }
+            )
+            continue
+        t0 = time.perf_counter()
+        r_sum, _ = hessian.autocorrelation(train_path)
+        ac_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hessian.autocorrelation(query_path)
+        ac_query = time.perf_counter() - t0
+        r = r_sum[:1] / n
+        nb = r_sum.shape[0]
+        t0 = time.perf_counter()
+        hessian._sorted_eigs(r)
+        eigvalsh_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        block = hessian.inverse_sqrt(r, 0.01).astype(np.float32)
+        eigh_one = time.perf_counter() - t0
+        runs.append(
+            {
+                'total': ac_train + ac_query + nb * (2 * eigvalsh_one + eigh_one),
+                'autocorrelation_train': ac_train,
+                'autocorrelation_query': ac_query,
+                'eigvalsh': 2 * nb * eigvalsh_one,
+                'eigh_inverse_sqrt': nb * eigh_one,
+                'eigvalsh_one_block': eigvalsh_one,
+                'eigh_one_block': eigh_one,
+            }
+        )
+        h = hessian.Hessian(
+            np.repeat(block, nb, axis=0),
+            0.0,
+            None,
+            0.01,
+            np.zeros(train_idx.dim),
+            None,
+            {k: train_idx.manifest[k] for k in index.VECTOR_KEYS},
+        )
+    fit = {key: _median([r[key] for r in runs]) for key in runs[0]}
+    fit['eig_total'] = fit['eigvalsh'] + fit['eigh_inverse_sqrt']
+    fit['stream_total'] = fit['autocorrelation_train'] + fit['autocorrelation_query']
+    train = _in_memory(train_path)
+    base = xtx(train, h.num_blocks, repeats)
+    del train
+    return {
+        'rows': n,
+        'fit_mode': 'full fit() call' if full else 'measured parts (estimate, see docstring)',
+        'fit': fit,
+        'fit_runs': runs,
+        'xtx': base,
+        'ratio_autocorrelation_train_vs_xtx': fit['autocorrelation_train'] / base['seconds'],
+        'ratio_fit_minus_eig_vs_xtx': (fit['total'] - fit['eig_total']) / base['seconds'],
+        'ratio_fit_total_vs_xtx': fit['total'] / base['seconds'],
+    }, h
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Runs one job in this (fresh) process and prints its peak RSS as JSON."""
+    import jax
+    import jax.numpy as jnp
+
+    from trackstar_jax import hessian, scoring  # noqa: F401 (the same imports for 'idle')
+
+    jax.block_until_ready(jax.jit(lambda x: x @ x.T)(jnp.ones((8, 8))))
+    t0 = time.perf_counter()
+    if args.child == 'score':
+        scoring.score(args.query, args.train, k=K, unit_norm=True)
+    elif args.child == 'fit':
+        hessian.fit(args.train, args.query, lam='auto')
+    seconds = time.perf_counter() - t0
+    print(json.dumps({'job': args.child, 'seconds': seconds, **_peak_rss_mb()}))
+
+
+def measure_child(job: str, train: str = '', query: str = '') -> dict[str, float]:
+    """Peak RSS of ``job`` run in a fresh Python process."""
+    cmd = [sys.executable, os.path.abspath(__file__), '--child', job, '--train', train]
+    cmd += ['--query', query]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _config(quick: bool, full_fit: bool = False) -> dict[str, Any]:
+    if quick:
+        return {
+            'score': [{'block_dim': 1024, 'n': 8192, 'queries': [64]}],
+            'repeats': 1,
+            'hessian_repeats': 1,
+            'fit_repeats': {1024: 1},
+            'full_fit': {1024: True},
+            'io': {'block_dim': 1024, 'n': 8192},
+            'memory': {'block_dim': 1024, 'n': 4096, 'queries': 64},
+        }
+    return {
+        'score': [
+            {'block_dim': 1024, 'n': 49152, 'queries': [64, 512]},
+            {'block_dim': 4096, 'n': 20480, 'queries': [64, 512]},
+        ],
+        'repeats': 3,
+        'hessian_repeats': 1,
+        'fit_repeats': {1024: 3, 4096: 1},
+        'full_fit': {1024: True, 4096: full_fit},
+        'io': {'block_dim': 4096, 'n': 20480},
+        'memory': {'block_dim': 1024, 'n': 16384, 'queries': 64},
+    }
+
+
+LIBRARY_FILES = ('index.py', 'streaming.py', 'scoring.py', 'hessian.py', 'sharding.py')
+
+
+def library_state() -> dict[str, Any]:
+    """Hash of the library files this benchmark exercises, the git commit, and dirtiness."""
+    import hashlib
+
+    import trackstar_jax
+
+    pkg = os.path.dirname(os.path.abspath(trackstar_jax.__file__))
+    h = hashlib.sha256()
+    for name in LIBRARY_FILES:
+        with open(os.path.join(pkg, name), 'rb') as f:
+            h.update(f.read())
+    state: dict[str, Any] = {'path': pkg, 'sha256': h.hexdigest()[:16]}
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        git = ['git', '-C', os.path.dirname(pkg)]
+        state['commit'] = subprocess.run(
+            [*git, 'rev-parse', 'HEAD'], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        state['dirty'] = bool(
+            subprocess.run(
+                [*git, 'status', '--porcelain', '--', pkg],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
+    return state
+
+
+def _devices() -> str:
+    import jax
+
+    devs = jax.devices()
+    return f'{len(devs)} x {devs[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs'
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark; returns the results dict (also written to ``args.out``)."""
+    import jax
+
+    cfg = _config(args.quick, args.full_fit)
+    root = tempfile.mkdtemp(prefix='pipeline_bench_', dir=args.workdir)
+    results: dict[str, Any] = {
+        'command': ' '.join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
+        'jax_version': jax.__version__,
+        'device': _devices(),
+        'platform': platform.platform(),
+        'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'quick': args.quick,
+        'library': library_state(),
+        'config': {**cfg, 'k': K, 'score_chunk_rows': SCORE_CHUNK, 'store_chunk_rows': STORE_CHUNK},
+    }
+    t_start = time.perf_counter()
+    try:
+        templates: dict[int, dict[str, Any]] = {}
+
+        def template(block_dim: int) -> dict[str, Any]:
+            if block_dim not in templates:
+                templates[block_dim] = template_manifest(block_dim, root)
+            return templates[block_dim]
+
+        # 1 + 3: scoring and fit, per D.
+        results['scoring'], results['fit'], results['io'] = [], [], {'write': [], 'read': []}
+        for sc in cfg['score']:
+            tm = template(sc['block_dim'])
+            d, n = tm['dim'], sc['n']
+            train_path = os.path.join(root, f'train_d{d}_f32')
+            w = write_synthetic(train_path, tm, n, seed=1)
+            results['io']['write'].append(
+                {
+                    'what': 'scoring train index',
+                    'dim': d,
+                    'dtype': 'float32',
+                    **w,
+                    'mb_s': w['stored_mb'] / w['seconds'],
+                }
+            )
+            _log(f'wrote {train_path}: {w["stored_mb"]:.0f} MB in {w["seconds"]:.1f}s')
+            qpaths = {}
+            for q in sc['queries']:
+                qpaths[q] = os.path.join(root, f'queries_d{d}_q{q}')
+                write_synthetic(qpaths[q], tm, q, seed=100 + q)
+            bd = sc['block_dim']
+            fit, h = bench_fit(
+                train_path, qpaths[max(qpaths)], cfg['fit_repeats'][bd], cfg['full_fit'][bd]
+            )
+            results['fit'].append(
+                {'dim': d, 'block_dim': sc['block_dim'], 'queries': max(qpaths), **fit}
+            )
+            _log(f'fit D={d}: {fit["fit"]["total"]:.1f}s (XᵀX {fit["xtx"]["seconds"]:.1f}s)')
+            for q in sc['queries']:
+                s = bench_scoring(
+                    qpaths[q],
+                    train_path,
+                    h,
+                    cfg['repeats'],
+                    cfg['hessian_repeats'],
+                    breakdown=True,
+                )
+                results['scoring'].append({'dim': d, 'n': n, 'queries': q, **s})
+                _log(
+                    f'score D={d} Q={q}: {s["no_hessian"]["score_rows_s"]:.0f} rows/s '
+                    f'(x{s["no_hessian"]["ratio_vs_matmul"]:.2f} of matmul), with H '
+                    f'{s["hessian"]["score_rows_s"]:.0f} rows/s'
+                )
+            shutil.rmtree(train_path)
+
+        # 2: write / read MB/s, float32 and bfloat16, same shape.
+        io = cfg['io']
+        tm = template(io['block_dim'])
+        for dtype in ('float32', 'bfloat16'):
+            path = os.path.join(root, f'io_{dtype}')
+            w = write_synthetic(path, tm, io['n'], dtype=dtype, seed=2)
+            results['io']['write'].append(
+                {
+                    'what': 'io index',
+                    'dim': tm['dim'],
+                    'dtype': dtype,
+                    **w,
+                    'mb_s': w['stored_mb'] / w['seconds'],
+                }
+            )
+            r = read_throughput(path, cfg['repeats'])
+            results['io']['read'].append({'dim': tm['dim'], 'dtype': dtype, 'rows': io['n'], **r})
+            _log(
+                f'io {dtype}: write {w["stored_mb"] / w["seconds"]:.0f} MB/s, '
+                f'read {r["mb_s"]:.0f} MB/s'
+            )
+            shutil.rmtree(path)
+
+        # 4: memory in fresh processes, N and 4N.
+        mem = cfg['memory']
+        tm = template(mem['block_dim'])
+        qpath = os.path.join(root, 'mem_queries')
+        write_synthetic(qpath, tm, mem['queries'], seed=3)
+        results['memory'] = {'idle': measure_child('idle'), 'runs': []}
+        for n in (mem['n'], 4 * mem['n']):
+            path = os.path.join(root, f'mem_train_{n}')
+            w = write_synthetic(path, tm, n, seed=4)
+            for job in ('score', 'fit'):
+                m = measure_child(job, path, qpath)
+                results['memory']['runs'].append(
+                    {'job': job, 'rows': n, 'dim': tm['dim'], 'index_mb': w['stored_mb'], **m}
+                )
+                _log(f'memory {job} N={n}: {m["maxrss_mb"]:.0f} MiB')
+            shutil.rmtree(path)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    results['wall_seconds'] = time.perf_counter() - t_start
+    end = library_state()
+    results['library']['changed_during_run'] = end['sha256'] != results['library']['sha256']
+    return results
+
+
+def _log(msg: str) -> None:
+    print(f'[pipeline] {msg}', file=sys.stderr, flush=True)
+
+
+def report(res: dict[str, Any]) -> str:
+    """A readable table of the results."""
+    lines = [
+        f'pipeline benchmark  ({res["device"]}, jax {res["jax_version"]}, {res["timestamp"]})',
+        f'command: {res["command"]}',
+        f'library: {res["library"].get("commit", "?")[:10]} sha256 {res["library"]["sha256"]}'
+        f'{" (uncommitted changes)" if res["library"].get("dirty") else ""}'
+        f'{"  CHANGED DURING RUN" if res["library"].get("changed_during_run") else ""}',
+        '',
+        '1. score (k=10, unit_norm) train rows/s; ratio = baseline time / score time',
+        f'{"D":>6} {"N":>6} {"Q":>4} {"H":>3} {"score":>9} {"matmul":>9} {"mm+topk":>9} '
+        f'{"same":>9} {"vs mm":>6} {"vs mm+k":>7} {"vs same":>7}',
+    ]
+    for s in res['scoring']:
+        for label in ('no_hessian', 'hessian'):
+            e = s[label]
+            b = e['baselines']
+            same = b.get('same_math', {}).get('rows_s')
+            lines.append(
+                f'{s["dim"]:>6} {s["n"]:>6} {s["queries"]:>4} '
+                f'{"yes" if label == "hessian" else "no":>3} '
+                f'{e["score_rows_s"]:>9.0f} {b["matmul"]["rows_s"]:>9.0f} '
+                f'{b["matmul_topk"]["rows_s"]:>9.0f} {same or float("nan"):>9.0f} '
+                f'{e["ratio_vs_matmul"]:>6.2f} {e["ratio_vs_matmul_topk"]:>7.2f} '
+                f'{e.get("ratio_vs_same_math", float("nan")):>7.2f}'
+            )
+    lines += ['', '   score time split (no Hessian; seconds for all N rows):']
+    lines.append(
+        f'{"D":>6} {"Q":>4} {"score":>7} {"read":>7} {"step":>7} {"norm":>7} {"matmul":>7} '
+        f'{"compile":>7}'
+    )
+    for s in res['scoring']:
+        e = s['no_hessian']
+        b = e.get('breakdown')
+        if b:
+            lines.append(
+                f'{s["dim"]:>6} {s["queries"]:>4} {e["score_seconds"]:>7.2f} {b["read_s"]:>7.2f} '
+                f'{b["step_s"]:>7.2f} {b["normalise_s"]:>7.2f} '
+                f'{e["baselines"]["matmul"]["seconds"]:>7.2f} {b["compile_s"]:>7.2f}'
+            )
+    lines += ['', '2. index I/O (TensorStore zarr3, stored MB/s; reads hit the page cache)']
+    for kind in ('write', 'read'):
+        for e in res['io'][kind]:
+            lines.append(
+                f'   {kind:<5} D={e["dim"]:<6} {e["dtype"]:<9} {e["mb_s"]:>8.0f} MB/s  '
+                f'({e["stored_mb"]:.0f} MB{", " + e["what"] if "what" in e else ""})'
+            )
+    lines += [
+        '',
+        '3. fit (lam=auto, with queries) vs one in-memory block-diagonal XᵀX of the train rows',
+        f'{"D":>6} {"N":>6} {"fit":>7} {"AC(tr)":>7} {"AC(q)":>7} {"eigvalsh":>8} {"eigh":>7} '
+        f'{"XᵀX":>7} {"AC/XᵀX":>7} {"(fit-eig)/XᵀX":>13}',
+    ]
+    for f in res['fit']:
+        x = f['fit']
+        lines.append(
+            f'{f["dim"]:>6} {f["rows"]:>6} {x["total"]:>7.2f} {x["autocorrelation_train"]:>7.2f} '
+            f'{x["autocorrelation_query"]:>7.2f} {x["eigvalsh"]:>8.2f} '
+            f'{x["eigh_inverse_sqrt"]:>7.2f} '
+            f'{f["xtx"]["seconds"]:>7.2f} {f["ratio_autocorrelation_train_vs_xtx"]:>7.2f} '
+            f'{f["ratio_fit_minus_eig_vs_xtx"]:>13.2f}'
+            + ('' if f['fit_mode'].startswith('full') else '  (*)')
+        )
+    if any(not f['fit_mode'].startswith('full') for f in res['fit']):
+        lines.append(
+            '   (*) fit = measured passes + blocks x (2 eigvalsh + eigh), each timed on one '
+            'block of the real R (--full-fit runs the whole call)'
+        )
+    m = res['memory']
+    lines += [
+        '',
+        f'4. peak RSS (fresh processes); idle jax process: {m["idle"]["maxrss_mb"]:.0f} MiB',
+    ]
+    for r in m['runs']:
+        lines.append(
+            f'   {r["job"]:<5} D={r["dim"]} N={r["rows"]:<6} index {r["index_mb"]:>6.0f} MB  '
+            f'peak RSS {r["maxrss_mb"]:>6.0f} MiB  ({r["seconds"]:.1f}s)'
+        )
+    lines.append(f'\nwall time {res["wall_seconds"]:.0f}s')
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses flags and runs the benchmark (or, with --child, one memory job)."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--quick', action='store_true', help='small sizes, one repeat (~2 min)')
+    parser.add_argument('--out', default=None, help='results JSON (default benchmarks/results/)')
+    parser.add_argument('--workdir', default=None, help='where the indices go (default: $TMPDIR)')
+    parser.add_argument('--keep', action='store_true', help='keep the indices')
+    parser.add_argument(
+        '--full-fit',
+        action='store_true',
+        help='run the whole fit() at D=16384 too (12 float64 eigen-decompositions of '
+        '4096 x 4096: ~5-10 more minutes on 2 cores)',
+    )
+    parser.add_argument('--child', choices=('idle', 'score', 'fit'), help=argparse.SUPPRESS)
+    parser.add_argument('--train', default='', help=argparse.SUPPRESS)
+    parser.add_argument('--query', default='', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child_main(args)
+        return
+    res = run(args)
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        'results',
+        'pipeline_quick.json' if args.quick else 'pipeline.json',
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, 'w') as f:
+        json.dump(res, f, indent=1)
+    print(report(res))
+    print(f'results: {out}')
+
+
+if __name__ == '__main__':
+    main()
