@@ -15,16 +15,16 @@ CFG = DecoderConfig(
 SEQ_LEN = 16
 
 
-def model_and_state(seed: int = 0):
-    """A tiny LM after two Adafactor steps, with its optimizer state."""
-    model = DecoderLM(CFG)
+def trained(cfg: DecoderConfig, steps: int = 2, seed: int = 0, min_dim: int = 16):
+    """A model after a few real Adafactor steps, with its (non-trivial) optimizer state."""
+    model = DecoderLM(cfg)
     params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32)))
     params = params['params']
-    tx = optax.adafactor(1e-2, min_dim_size_to_factor=16)
+    tx = optax.adafactor(1e-2, min_dim_size_to_factor=min_dim)
     state = tx.init(params)
     rng = np.random.default_rng(seed)
-    for _ in range(2):
-        toks = jnp.asarray(rng.integers(0, CFG.vocab_size, (4, 12)))
+    for _ in range(steps):
+        toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 12)))
         mask = jnp.ones((4, 12)).at[:, 0].set(0)
         g = jax.grad(
             lambda p, t=toks, m=mask: losses.mean_token_loss(model.apply({'params': p}, t), t, m)
@@ -32,6 +32,11 @@ def model_and_state(seed: int = 0):
         updates, state = tx.update(g, state, params)
         params = optax.apply_updates(params, updates)
     return model, params, state
+
+
+def model_and_state(seed: int = 0):
+    """The shared tiny LM after two Adafactor steps, with its optimizer state."""
+    return trained(CFG, steps=2, seed=seed)
 
 
 SPEC = grads.GradientSpec(block_dim=16, num_layer_blocks=2, seed=3)

@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 
+from tests import pipeline_fixtures as fx
 from trackstar_jax import grads, losses
 from trackstar_jax import sharding as shd
 from trackstar_jax.grads.layout import ParamEntry
 from trackstar_jax.grads.projection import projection_pair
-from trackstar_jax.models import DecoderConfig, DecoderLM
+from trackstar_jax.models import DecoderConfig
 
 # Two model shapes: PaLM-style parallel multi-query, and serial GQA with other widths.
 # min_dim_size_to_factor=16 makes optax factor most matrices (the fused rank-one path);
@@ -36,21 +37,7 @@ MIN_DIM = 16
 
 def trained(cfg, steps=3, seed=0):
     """Params and an Adafactor state after a few real steps (non-trivial V)."""
-    model = DecoderLM(cfg)
-    params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32)))
-    params = params['params']
-    tx = optax.adafactor(1e-2, min_dim_size_to_factor=MIN_DIM)
-    state = tx.init(params)
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 12)))
-        mask = jnp.ones((4, 12)).at[:, 0].set(0)
-        g = jax.grad(
-            lambda p, t=toks, m=mask: losses.mean_token_loss(model.apply({'params': p}, t), t, m)
-        )(params)
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
-    return model, params, state
+    return fx.trained(cfg, steps=steps, seed=seed, min_dim=MIN_DIM)
 
 
 def batch(cfg, pattern, seed=1):
