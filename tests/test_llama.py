@@ -1,19 +1,20 @@
 """LlamaLM against an independent float64 numpy Llama, the GGUF importer, and the kernel."""
 
 import flax.linen as nn
+
+# The importer's packages come with the `llama` extra (.ci/run installs it); a missing one
+# is an error here, never a silent skip.
+import gguf  # noqa: F401
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tokenizers  # noqa: F401
 
 from trackstar_jax import grads, losses
+from trackstar_jax.models import gguf_import
 from trackstar_jax.models.llama import LlamaConfig, LlamaLM
-
-gguf = pytest.importorskip('gguf')
-pytest.importorskip('tokenizers')
-
-from trackstar_jax.models import gguf_import  # noqa: E402
 
 # GQA everywhere (6 query heads over 2 key/value heads); the second shape has a head_dim
 # that is not d_model // num_heads and an untied head.
