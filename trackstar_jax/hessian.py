@@ -223,6 +223,17 @@ def fit(
         eig_eval = _sorted_eigs(r_eval)
         if lam == 'auto':
             k_component = max(1, round(top_k_components * train.dim / PAPER_DIM))
+            if k_component > min(n_train, n_eval):
+                # Beyond the rank of R_train or R_eval both curves are ~0 there and the
+                # crossing, hence λ, is noise: say so rather than fail.
+                logging.warning(
+                    'λ auto: component k = %d exceeds the %d train / %d query '
+                    'examples (the rank of R); λ is ill-determined. Pass a '
+                    'fixed lam or more queries.',
+                    k_component,
+                    n_train,
+                    n_eval,
+                )
             lam_value = auto_lambda(eig_eval, eig_train, k_component)
         elif isinstance(lam, str) or not 0.0 <= float(lam) <= 1.0:
             raise ValueError(f"lam must be in [0, 1] or 'auto', got {lam!r}.")
