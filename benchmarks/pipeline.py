@@ -203,13 +203,16 @@ def _in_memory(path: str):
     return jnp.asarray(idx.read(slice(0, len(idx))))
 
 
-def baselines(queries, train, r_inv_sqrt, repeats: int) -> dict[str, dict[str, Any]]:
+def baselines(queries, train, r_inv_sqrt) -> dict[str, Callable[[], float]]:
     """Plain in-memory, jit'd baselines over ``train`` split in SCORE_CHUNK-row chunks.
 
     Without r_inv_sqrt: 'matmul' (queries @ chunk.T only) and 'matmul_topk' (plus a
     running lax.top_k merge). With r_inv_sqrt: 'same_math', what the library computes
     but in memory: R^-1/2 per block and unit norm on the chunk, matmul, running top-k.
     The queries are already transformed (as the library does once per call).
+
+    Returns:
+      name -> a function running that baseline once (compiled) and returning seconds.
     """
     import jax
     import jax.numpy as jnp
@@ -252,8 +255,13 @@ def baselines(queries, train, r_inv_sqrt, repeats: int) -> dict[str, dict[str, A
     out = {}
     for name, fn in runs.items():
         fn(chunks[:1])  # compile (all chunks have the same shape)
-        med, times, _ = _timed(lambda fn=fn: fn(chunks), repeats)
-        out[name] = {'seconds': med, 'all_seconds': times, 'rows_s': n / med}
+
+        def timed(fn=fn) -> float:
+            t0 = time.perf_counter()
+            fn(chunks)
+            return time.perf_counter() - t0
+
+        out[name] = timed
     return out
 
 
@@ -261,9 +269,10 @@ def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str,
     """Where ``score`` (no Hessian, unit norm) spends its time, from its own pieces.
 
     read: iterating ``streaming.stream_rows`` as ``score`` does (TensorStore read, rows
-      ordered by id rank, staging as jax arrays), with nothing computed on the chunks.
+      ordered by id rank, staging as jax arrays), each chunk dropped once staged.
     step: the jit'd ``make_chunk_scorer`` step over chunks already staged in memory.
-    normalise: ``scoring.transform`` (unit norm) alone on the staged chunks.
+    step_no_norm: the same step built with unit_norm=False (step - step_no_norm is the
+      cost of normalising the train rows).
     compile: lowering + compiling the step (``score`` builds a new jit on every call).
     """
     import jax
@@ -276,12 +285,15 @@ def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str,
     rank = np.arange(len(train), dtype=np.int32)
     q = len(queries_idx)
 
-    def read_all():
-        staged = list(streaming.stream_rows(train, mesh, SCORE_CHUNK, rank=rank, sort_by_rank=True))
-        jax.block_until_ready(staged)
-        return staged
+    def chunks():
+        return streaming.stream_rows(train, mesh, SCORE_CHUNK, rank=rank, sort_by_rank=True)
 
-    read_s, read_all_s, staged = _timed(read_all, repeats)
+    def read_all() -> None:
+        for chunk in chunks():
+            jax.block_until_ready(chunk)
+
+    read_s, read_all_s, _ = _timed(read_all, repeats)
+    staged = list(chunks())
     queries = scoring.transform(jnp.asarray(queries_idx.read(slice(0, q))), None, True)
     r_dummy = jnp.zeros((1, 1, 1), jnp.float32)
 
@@ -292,31 +304,24 @@ def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str,
             jnp.full((q, K), -1, jnp.int32),
         )
 
-    step = scoring.make_chunk_scorer(mesh, K, False, True)
-    vecs, valid, rows, ranks = staged[0]
-    t0 = time.perf_counter()
-    step.lower(*fresh_best(), queries, vecs, valid, ranks, rows, r_dummy).compile()
-    compile_s = time.perf_counter() - t0
+    out = {'read_s': read_s, 'read_all_s': read_all_s}
+    for name, unit_norm in (('step', True), ('step_no_norm', False)):
+        step = scoring.make_chunk_scorer(mesh, K, False, unit_norm)
+        vecs, valid, rows, ranks = staged[0]
+        t0 = time.perf_counter()
+        step.lower(*fresh_best(), queries, vecs, valid, ranks, rows, r_dummy).compile()
+        if unit_norm:
+            out['compile_s'] = time.perf_counter() - t0
 
-    def run_steps():
-        best = fresh_best()
-        for vecs, valid, rows, ranks in staged:
-            best = step(*best, queries, vecs, valid, ranks, rows, r_dummy)
-        jax.block_until_ready(best)
+        def run_steps(step=step):
+            best = fresh_best()
+            for vecs, valid, rows, ranks in staged:
+                best = step(*best, queries, vecs, valid, ranks, rows, r_dummy)
+            jax.block_until_ready(best)
 
-    run_steps()
-    step_s, step_all, _ = _timed(run_steps, repeats)
-    norm = jax.jit(lambda v: scoring.transform(v, None, True))
-    jax.block_until_ready(norm(staged[0][0]))
-    norm_s, _, _ = _timed(lambda: jax.block_until_ready([norm(c[0]) for c in staged]), repeats)
-    return {
-        'read_s': read_s,
-        'read_all_s': read_all_s,
-        'step_s': step_s,
-        'step_all_s': step_all,
-        'normalise_s': norm_s,
-        'compile_s': compile_s,
-    }
+        run_steps()
+        out[f'{name}_s'], out[f'{name}_all_s'], _ = _timed(run_steps, repeats)
+    return out
 
 
 def bench_scoring(
@@ -327,7 +332,12 @@ def bench_scoring(
     hessian_repeats: int,
     breakdown: bool,
 ) -> dict[str, Any]:
-    """Library score vs in-memory baselines for one (Q, D, N), with and without ``h``."""
+    """Library score vs in-memory baselines for one (Q, D, N), with and without ``h``.
+
+    Each repeat runs ``score`` and then its baselines, and ratios are medians of the
+    per-repeat ratios (a busy machine skews both sides alike). With a Hessian the plain
+    matmul baselines are those of the no-Hessian repeats (same sizes, same cost).
+    """
     import jax.numpy as jnp
 
     from trackstar_jax import index, scoring
@@ -337,28 +347,35 @@ def bench_scoring(
     q_raw = _in_memory(query_path)
     r = jnp.asarray(h.r_inv_sqrt)
     out: dict[str, Any] = {}
-    plain = None
+    plain: dict[str, Any] = {}
     for label, hess, reps in (('no_hessian', None, repeats), ('hessian', h, hessian_repeats)):
-
-        def run(hess=hess):
-            return scoring.score(query_path, train_path, hessian=hess, k=K, unit_norm=True)
-
-        med, times, _ = _timed(run, reps)
         q = scoring.transform(q_raw, r if hess is not None else None, True)
+        base_fns = baselines(q, train, None if hess is None else r)
+        runs = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            scoring.score(query_path, train_path, hessian=hess, k=K, unit_norm=True)
+            run = {'score': time.perf_counter() - t0}
+            run.update({name: fn() for name, fn in base_fns.items()})
+            runs.append(run)
         if hess is None:
-            base = plain = baselines(q, train, None, repeats)
-        else:  # plain matmul costs the same with transformed queries: reuse, same run
-            base = {**plain, **baselines(q, train, r, reps)}
+            plain = {name: [r_[name] for r_ in runs] for name in base_fns}
+        score_s = _median([r_['score'] for r_ in runs])
+        base = {name: _median(ts) for name, ts in plain.items()}
+        base.update({name: _median([r_[name] for r_ in runs]) for name in base_fns})
         entry = {
-            'score_seconds': med,
-            'score_all_seconds': times,
-            'score_rows_s': n / med,
-            'baselines': base,
-            'ratio_vs_matmul': base['matmul']['seconds'] / med,
-            'ratio_vs_matmul_topk': base['matmul_topk']['seconds'] / med,
+            'score_seconds': score_s,
+            'score_all_seconds': [r_['score'] for r_ in runs],
+            'score_rows_s': n / score_s,
+            'baselines': {name: {'seconds': sec, 'rows_s': n / sec} for name, sec in base.items()},
+            'runs': runs,
         }
-        if hess is not None:
-            entry['ratio_vs_same_math'] = base['same_math']['seconds'] / med
+        for name in base:
+            if name in base_fns:  # same repeats: median of per-repeat ratios
+                ratio = _median([r_[name] / r_['score'] for r_ in runs])
+            else:
+                ratio = base[name] / score_s
+            entry[f'ratio_vs_{name}'] = ratio
         out[label] = entry
     if breakdown:
         out['no_hessian']['breakdown'] = score_breakdown(query_path, train_path, repeats)
@@ -394,8 +411,12 @@ def _timing(module, names: tuple[str, ...]) -> Iterator[dict[str, list[float]]]:
             setattr(module, name, fn)
 
 
-def xtx(train, nb: int, repeats: int) -> dict[str, Any]:
-    """One in-memory block-diagonal XᵀX (einsum 'nbi,nbj->bij', jit'd) of all rows."""
+def make_xtx(train, nb: int) -> Callable[[], float]:
+    """A compiled in-memory block-diagonal XᵀX (einsum 'nbi,nbj->bij') of all rows.
+
+    Returns:
+      A function running it once and returning its seconds.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -404,22 +425,30 @@ def xtx(train, nb: int, repeats: int) -> dict[str, Any]:
         v = x.reshape(x.shape[0], nb, -1)
         return jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
 
-    jax.block_until_ready(f(train[:8]))
-    jax.block_until_ready(f(train))  # compile for the full shape
-    med, times, _ = _timed(lambda: jax.block_until_ready(f(train)), repeats)
-    return {'seconds': med, 'all_seconds': times}
+    jax.block_until_ready(f(train))  # compile
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(train))
+        return time.perf_counter() - t0
+
+    return run
 
 
 def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
-    """``hessian.fit`` against one in-memory XᵀX of the same rows.
+    """``hessian.fit`` against one in-memory XᵀX of the same rows, interleaved.
+
+    Each repeat times the fit (or its passes) and then the XᵀX, and the ratios are the
+    medians of the per-repeat ratios, so a busy machine skews both sides alike.
 
     full: time ``hessian.fit(train, queries, lam='auto')`` end to end, its parts timed
       inside the real call (streaming passes, eigvalsh, eigh).
     not full (for big blocks, where the float64 eigen-decompositions take minutes): time
-      the real ``hessian.autocorrelation`` passes, and ``hessian._sorted_eigs`` /
-      ``hessian.inverse_sqrt`` on one block of the real R; the fit estimate is the passes
-      plus num_blocks x (2 eigvalsh + 1 eigh), which is what ``fit`` runs. The Hessian
-      returned (for the scoring timings only) repeats block 0's R^-1/2 for every block.
+      the real ``hessian.autocorrelation`` passes each repeat, and once
+      ``hessian._sorted_eigs`` / ``hessian.inverse_sqrt`` on one block of the real R; the
+      fit estimate is the passes plus num_blocks x (2 eigvalsh + 1 eigh), which is what
+      ``fit`` runs. The Hessian returned (for the scoring timings only) repeats block 0's
+      R^-1/2 for every block.
 
     Returns:
       (results dict, a Hessian for the scoring benchmark).
@@ -427,8 +456,10 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
     from trackstar_jax import hessian, index
 
     train_idx = index.open(train_path)
-    n = len(train_idx)
-    runs, h = [], None
+    n, nb = len(train_idx), len(train_idx.manifest['layout']['block_names'])
+    train = _in_memory(train_path)
+    xtx_run = make_xtx(train, nb)
+    runs, h, eig = [], None, None
     for _ in range(repeats):
         if full:
             names = ('autocorrelation', '_sorted_eigs', 'inverse_sqrt')
@@ -436,65 +467,69 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
                 t0 = time.perf_counter()
                 h = hessian.fit(train_path, query_path, lam='auto')
                 total = time.perf_counter() - t0
-            runs.append(
-                {
-                    'total': total,
-                    'autocorrelation_train': log['autocorrelation'][0],
-                    'autocorrelation_query': log['autocorrelation'][1],
-                    'eigvalsh': sum(log['_sorted_eigs']),
-                    'eigh_inverse_sqrt': sum(log['inverse_sqrt']),
+            run = {
+                'total': total,
+                'autocorrelation_train': log['autocorrelation'][0],
+                'autocorrelation_query': log['autocorrelation'][1],
+                'eigvalsh': sum(log['_sorted_eigs']),
+                'eigh_inverse_sqrt': sum(log['inverse_sqrt']),
+            }
+        else:
+            t0 = time.perf_counter()
+            r_sum, _ = hessian.autocorrelation(train_path)
+            ac_train = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            hessian.autocorrelation(query_path)
+            ac_query = time.perf_counter() - t0
+            if eig is None:
+                r = r_sum[:1] / n
+                t0 = time.perf_counter()
+                hessian._sorted_eigs(r)
+                eigvalsh_one = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                block = hessian.inverse_sqrt(r, 0.01).astype(np.float32)
+                eig = {
+                    'eigvalsh_one_block': eigvalsh_one,
+                    'eigh_one_block': time.perf_counter() - t0,
                 }
-            )
-            continue
-        t0 = time.perf_counter()
-        r_sum, _ = hessian.autocorrelation(train_path)
-        ac_train = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        hessian.autocorrelation(query_path)
-        ac_query = time.perf_counter() - t0
-        r = r_sum[:1] / n
-        nb = r_sum.shape[0]
-        t0 = time.perf_counter()
-        hessian._sorted_eigs(r)
-        eigvalsh_one = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        block = hessian.inverse_sqrt(r, 0.01).astype(np.float32)
-        eigh_one = time.perf_counter() - t0
-        runs.append(
-            {
-                'total': ac_train + ac_query + nb * (2 * eigvalsh_one + eigh_one),
+                h = hessian.Hessian(
+                    np.repeat(block, nb, axis=0),
+                    0.0,
+                    None,
+                    0.01,
+                    np.zeros(train_idx.dim),
+                    None,
+                    {k: train_idx.manifest[k] for k in index.VECTOR_KEYS},
+                )
+            run = {
+                'total': ac_train
+                + ac_query
+                + nb * (2 * eig['eigvalsh_one_block'] + eig['eigh_one_block']),
                 'autocorrelation_train': ac_train,
                 'autocorrelation_query': ac_query,
-                'eigvalsh': 2 * nb * eigvalsh_one,
-                'eigh_inverse_sqrt': nb * eigh_one,
-                'eigvalsh_one_block': eigvalsh_one,
-                'eigh_one_block': eigh_one,
+                'eigvalsh': 2 * nb * eig['eigvalsh_one_block'],
+                'eigh_inverse_sqrt': nb * eig['eigh_one_block'],
+                **eig,
             }
-        )
-        h = hessian.Hessian(
-            np.repeat(block, nb, axis=0),
-            0.0,
-            None,
-            0.01,
-            np.zeros(train_idx.dim),
-            None,
-            {k: train_idx.manifest[k] for k in index.VECTOR_KEYS},
-        )
-    fit = {key: _median([r[key] for r in runs]) for key in runs[0]}
-    fit['eig_total'] = fit['eigvalsh'] + fit['eigh_inverse_sqrt']
-    fit['stream_total'] = fit['autocorrelation_train'] + fit['autocorrelation_query']
-    train = _in_memory(train_path)
-    base = xtx(train, h.num_blocks, repeats)
+        run['eig_total'] = run['eigvalsh'] + run['eigh_inverse_sqrt']
+        run['fit_minus_eig'] = run['total'] - run['eig_total']
+        run['xtx'] = xtx_run()
+        runs.append(run)
     del train
+
+    def med(key: str, over: str | None = None) -> float:
+        return _median([r[key] / (r[over] if over else 1.0) for r in runs])
+
+    fit = {key: med(key) for key in runs[0] if key != 'xtx'}
     return {
         'rows': n,
         'fit_mode': 'full fit() call' if full else 'measured parts (estimate, see docstring)',
         'fit': fit,
         'fit_runs': runs,
-        'xtx': base,
-        'ratio_autocorrelation_train_vs_xtx': fit['autocorrelation_train'] / base['seconds'],
-        'ratio_fit_minus_eig_vs_xtx': (fit['total'] - fit['eig_total']) / base['seconds'],
-        'ratio_fit_total_vs_xtx': fit['total'] / base['seconds'],
+        'xtx': {'seconds': med('xtx'), 'all_seconds': [r['xtx'] for r in runs]},
+        'ratio_autocorrelation_train_vs_xtx': med('autocorrelation_train', 'xtx'),
+        'ratio_fit_minus_eig_vs_xtx': med('fit_minus_eig', 'xtx'),
+        'ratio_fit_total_vs_xtx': med('total', 'xtx'),
     }, h
 
 
@@ -547,7 +582,7 @@ def _config(quick: bool, full_fit: bool = False) -> dict[str, Any]:
         ],
         'repeats': 3,
         'hessian_repeats': 1,
-        'fit_repeats': {1024: 3, 4096: 1},
+        'fit_repeats': {1024: 3, 4096: 2},
         'full_fit': {1024: True, 4096: full_fit},
         'io': {'block_dim': 4096, 'n': 20480},
         'memory': {'block_dim': 1024, 'n': 16384, 'queries': 64},
@@ -743,7 +778,7 @@ def report(res: dict[str, Any]) -> str:
             )
     lines += ['', '   score time split (no Hessian; seconds for all N rows):']
     lines.append(
-        f'{"D":>6} {"Q":>4} {"score":>7} {"read":>7} {"step":>7} {"norm":>7} {"matmul":>7} '
+        f'{"D":>6} {"Q":>4} {"score":>7} {"read":>7} {"step":>7} {"no_norm":>7} {"matmul":>7} '
         f'{"compile":>7}'
     )
     for s in res['scoring']:
@@ -752,7 +787,7 @@ def report(res: dict[str, Any]) -> str:
         if b:
             lines.append(
                 f'{s["dim"]:>6} {s["queries"]:>4} {e["score_seconds"]:>7.2f} {b["read_s"]:>7.2f} '
-                f'{b["step_s"]:>7.2f} {b["normalise_s"]:>7.2f} '
+                f'{b["step_s"]:>7.2f} {b["step_no_norm_s"]:>7.2f} '
                 f'{e["baselines"]["matmul"]["seconds"]:>7.2f} {b["compile_s"]:>7.2f}'
             )
     lines += ['', '2. index I/O (TensorStore zarr3, stored MB/s; reads hit the page cache)']
