@@ -58,9 +58,11 @@ def _trained_checkpoint(directory):
     return model, state, mesh, shardings
 
 
-def test_tail_patch_equals_one_real_trainer_step(tmp_path):
+@pytest.mark.parametrize('proponent_batch', [None, 2])
+def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
     model, state, mesh, shardings = _trained_checkpoint(str(tmp_path / 'ckpt'))
-    fn = tail_patch_lib.make_tail_patch(model, TC)
+    # None: all proponents vmapped; 2: lax.map over groups of 2 (3 rows: a ragged group).
+    fn = tail_patch_lib.make_tail_patch(model, TC, proponent_batch)
     rng = np.random.default_rng(1)
     proponents = {
         'tokens': rng.integers(3, 4096, (3, 32)).astype(np.int32),

@@ -389,3 +389,100 @@ def test_fused_kernel_equals_reference_on_llama():
     assert fused.shape == (5, 2 * 2 * 16)
     assert float(jnp.max(jnp.abs(ref))) > 0
     assert rel_err(fused, ref) < 1e-4
+
+
+# --- An imported checkpoint through the unchanged jobs, with estimated V. ---
+
+
+def test_imported_checkpoint_runs_the_jobs_with_estimated_moments(tmp_path):
+    """import -> estimate_moments -> load_model -> index_corpus, against direct calls."""
+    import json
+
+    from trackstar_jax import index, train
+    from trackstar_jax import sharding as shd
+    from trackstar_jax.data import examples as examples_lib
+    from trackstar_jax.grads import second_moments
+    from trackstar_jax.jobs import attribution, common
+
+    cfg = LlamaConfig(
+        vocab_size=len(VOCAB), num_layers=2, d_model=16, num_heads=4, num_kv_heads=2,
+        mlp_dim=24, max_len=32,
+    )  # fmt: skip
+    path, ckpt = tmp_path / 'model.gguf', str(tmp_path / 'ckpt')
+    write_gguf(path, cfg, random_hf_weights(cfg, seed=5), quantize=False)
+    gguf_import.import_gguf(str(path), ckpt)
+    corpus_path = tmp_path / 'corpus.jsonl'
+    texts = ['ab ab 12', 'a b c', 'ab 1 2 ab c', 'c c ab', '21 ab', 'b ab ab ab a']
+    with open(corpus_path, 'w') as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({'id': f'doc{i}', 'text': t}) + '\n')
+    mesh_axes = ((shd.DATA, 4), (shd.MODEL, 2))
+    meta = attribution.estimate_moments(
+        workdir=str(tmp_path / 'work'),
+        checkpoint_dir=ckpt,
+        corpus_path=str(corpus_path),
+        num_examples=5,
+        seq_len=12,
+        chunk_size=2,
+        min_dim_size_to_factor=8,
+        tail_patch_learning_rate=3e-3,
+        mesh_axes=mesh_axes,
+    )
+    assert meta['num_examples'] == 5 and len(set(meta['example_ids'])) == 5
+
+    # The document separator, not the chat tokens, starts every example.
+    tok = gguf_import.imported_tokenizer(ckpt)
+    assert tok.eos_id == VOCAB.index('<|endoftext|>')
+    assert tok.encode('ab ab 12') == [VOCAB.index(t) for t in ['ab', 'Ġab', 'Ġ', '1', '2']]
+
+    # Direct: the same sample through estimate_second_moments on one device.
+    model, params, _ = gguf_import.load_imported(ckpt)
+    by_id = {f'doc{i}': t for i, t in enumerate(texts)}
+    recs = [{'id': i, 'text': by_id[i]} for i in meta['example_ids']]
+    exs = examples_lib.corpus_examples(recs, tok, 12)
+    toks = np.zeros((5, 12), np.int32)
+    mask = np.zeros((5, 12), np.float32)
+    for i, ex in enumerate(exs):
+        toks[i, : len(ex['tokens'])] = ex['tokens']
+        mask[i, : len(ex['loss_mask'])] = ex['loss_mask']
+    direct = grads.estimate_second_moments(
+        model, params, [{'tokens': toks, 'loss_mask': mask}], min_dim_size_to_factor=8
+    )
+    assert any(np.size(x) > 1 for x in jax.tree.leaves(direct.v_row))  # factored path used
+
+    mesh = shd.make_mesh(mesh_axes)
+    loaded = common.load_model(ckpt, mesh)
+    assert loaded.train_config.learning_rate == 3e-3
+    is_factored = lambda n: isinstance(n, optax.FactoredState)  # noqa: E731
+    found = [s for s in jax.tree.leaves(loaded.opt_state, is_leaf=is_factored) if is_factored(s)]
+    assert len(found) == 1
+    for a, b in zip(jax.tree.leaves(found[0]), jax.tree.leaves(direct), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-12)
+
+    # index_corpus on the imported checkpoint == the reference path with the direct V.
+    spec = grads.GradientSpec(block_dim=16, num_layer_blocks=2, correction='adafactor')
+    built = attribution.index_corpus(
+        workdir=str(tmp_path / 'work'),
+        checkpoint_dir=ckpt,
+        spec=spec,
+        corpus_path=str(corpus_path),
+        seq_len=12,
+        batch_size=4,
+        chunk_rows=4,
+        mesh_axes=mesh_axes,
+    )
+    idx = index.open(built.path)
+    rows, ids = idx.read(slice(0, len(idx))), idx.ids
+    feat = grads.Featurizer(model, params, spec, opt_state=direct)
+    all_ex = examples_lib.corpus_examples(
+        [{'id': f'doc{i}', 'text': t} for i, t in enumerate(texts)], tok, 12
+    )
+    for ex in all_ex:
+        row = rows[list(ids).index(ex['id'])]
+        want = feat.reference({'tokens': ex['tokens'][None], 'loss_mask': ex['loss_mask'][None]})[0]
+        assert rel_err(row, want) < 1e-4
+
+    # A stale or foreign estimate is refused, not silently misapplied.
+    fresh = train.make_optimizer(train.TrainConfig(min_dim_size_to_factor=128)).init(params)
+    with pytest.raises(ValueError, match='min_dim_size_to_factor'):
+        second_moments.with_moments(fresh, direct)

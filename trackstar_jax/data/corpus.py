@@ -111,3 +111,54 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a list of ids."""
         return self._sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """A ``tokenizers`` tokenizer (e.g. rebuilt from a GGUF file) with ``Tokenizer``'s API.
+
+    ``eos_id`` is the *document separator* the examples put before every passage and
+    query (for SmolLM2, ``<|endoftext|>``), so that the loss convention is the same as for
+    the embedded SentencePiece model. No special tokens are added by ``encode``.
+
+    Args:
+      path: a ``tokenizer.json``.
+      document_id: the id that starts a document.
+      pad_id: the padding id (defaults to ``document_id``; padding is masked out anyway).
+    """
+
+    def __init__(self, path: str, document_id: int, pad_id: int | None = None):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f'No tokenizer.json at {path}.')
+        self.model_path = path
+        self._tok = _Tokenizer.from_file(path)
+        if not 0 <= document_id < self._tok.get_vocab_size():
+            raise ValueError(f'document_id {document_id} is outside the vocabulary.')
+        self._document_id = int(document_id)
+        self._pad_id = int(document_id if pad_id is None else pad_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (added tokens included)."""
+        return self._tok.get_vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id."""
+        return self._pad_id
+
+    @property
+    def eos_id(self) -> int:
+        """The document separator."""
+        return self._document_id
+
+    def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
+        """Token ids of one text or of each text in a list (no special tokens added)."""
+        if isinstance(text, str):
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return [e.ids for e in self._tok.encode_batch(list(text), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a list of ids."""
+        return self._tok.decode([int(i) for i in ids])

@@ -35,7 +35,7 @@ from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import examples as examples_lib
 from trackstar_jax.eval import metrics, report
 from trackstar_jax.eval import tail_patch as tail_patch_lib
-from trackstar_jax.jobs.common import LoadedModel, load_model
+from trackstar_jax.jobs.common import LoadedModel, checkpoint_tokenizer, load_model
 
 KINDS = ('gradient', 'bm25', 'dense', 'gold')
 
@@ -156,6 +156,7 @@ def evaluate(
     dimension_sweep: Sequence[int] = (16, 64, 256),
     sweep_method: str = 'TrackStar',
     html_queries: int = 40,
+    tail_patch_batch: int | None = None,
     results_path: str | None = None,
     mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
 ) -> dict[str, Any]:
@@ -163,13 +164,15 @@ def evaluate(
 
     Args:
       workdir: outputs: indices/, results JSON/Markdown/PNG, report.html.
-      checkpoint_dir: the model (a ``train_lm`` checkpoint with optimizer state).
+      checkpoint_dir: the model: a ``train_lm`` checkpoint with optimizer state, or an
+        imported one with estimated second moments (``launch/estimate_second_moments.py``).
       methods: the table's rows.
       spec: the gradient spec of the full-dimension TrackStar (its correction and
         output_fn are overridden per method).
       facts_path: JSONL facts {"id", "prompt", "target", "entailing_ids"}.
       corpus_path: JSONL corpus {"id", "text"}.
-      tokenizer_path: SentencePiece model of the checkpoint.
+      tokenizer_path: SentencePiece model of the checkpoint (ignored when the checkpoint
+        carries its own tokenizer, as an imported one does).
       num_queries: facts to evaluate (None: all usable).
       num_distractors: non-entailing candidates added (None: the whole corpus).
       seed: sampling seed.
@@ -182,14 +185,20 @@ def evaluate(
       dimension_sweep: block_dims for the Figure 2 sweep (each < spec.block_dim).
       sweep_method: the method swept over dimension.
       html_queries: queries shown in report.html.
+      tail_patch_batch: proponents stepped at once in tail-patch (None: all k).
       results_path: also write the results JSON here (e.g. benchmarks/results/...).
       mesh_axes: the mesh.
     """
     t_start = time.time()
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(mesh_axes)
-    tokenizer = corpus_lib.Tokenizer(tokenizer_path)
     loaded = load_model(checkpoint_dir, mesh)
+    if loaded.opt_state is None:
+        raise ValueError(
+            f'{checkpoint_dir} has no optimizer state: run launch/estimate_second_moments.py '
+            'first (tail-patch and the adafactor correction need V).'
+        )
+    tokenizer = checkpoint_tokenizer(loaded, tokenizer_path)
     records = corpus_lib.load_corpus(corpus_path)
     all_facts = corpus_lib.load_facts(facts_path)
     facts = select_facts(all_facts, {r['id'] for r in records}, num_queries, seed)
@@ -322,7 +331,7 @@ def evaluate(
     pairs = sorted(
         {(q, p) for ranked in rankings.values() for q, ps in ranked.items() for p in ps[:k]}
     )
-    fn = tail_patch_lib.make_tail_patch(loaded.model, loaded.train_config)
+    fn = tail_patch_lib.make_tail_patch(loaded.model, loaded.train_config, tail_patch_batch)
     deltas = tail_patch_lib.tail_patch_scores(
         fn,
         loaded.params,

@@ -23,8 +23,17 @@ from absl import logging
 from trackstar_jax import losses, train
 
 
-def make_tail_patch(model: nn.Module, train_config: train.TrainConfig) -> Callable[..., jax.Array]:
+def make_tail_patch(
+    model: nn.Module, train_config: train.TrainConfig, proponent_batch: int | None = None
+) -> Callable[..., jax.Array]:
     """``fn(params, opt_state, proponents, query) -> Δp [K]`` (jit-compiled).
+
+    Args:
+      model: the LM.
+      train_config: the optimizer of the step.
+      proponent_batch: proponents stepped at once (``lax.map`` over groups of this many;
+        each holds its own gradient, update and patched params, so a 100M+ model wants
+        1-2); None vmaps all K.
 
     Args of ``fn``:
       params, opt_state: the final checkpoint's.
@@ -47,9 +56,16 @@ def make_tail_patch(model: nn.Module, train_config: train.TrainConfig) -> Callab
     @jax.jit
     def fn(params, opt_state, proponents, query):
         before = target_prob(params, query)
-        after = jax.vmap(one, in_axes=(None, None, 0, 0, None))(
-            params, opt_state, proponents['tokens'], proponents['loss_mask'], query
-        )
+        if proponent_batch is None:
+            after = jax.vmap(one, in_axes=(None, None, 0, 0, None))(
+                params, opt_state, proponents['tokens'], proponents['loss_mask'], query
+            )
+        else:
+            after = jax.lax.map(
+                lambda row: one(params, opt_state, row[0], row[1], query),
+                (proponents['tokens'], proponents['loss_mask']),
+                batch_size=proponent_batch,
+            )
         return after - before
 
     return fn

@@ -15,6 +15,10 @@ Cost: one forward + backward per example; per-example gradients are formed for
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
+from jax.experimental import multihost_utils
 
 from trackstar_jax import losses
 from trackstar_jax.grads.correction import factored_axes
@@ -71,14 +77,27 @@ def estimate_second_moments(
         g = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(p, toks, mask)
         return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=0), g)
 
-    total, count = None, 0
+    total, count, start = None, 0, time.time()
     for batch in batches:
         toks = np.asarray(batch['tokens'], np.int32)
         mask = np.asarray(batch['loss_mask'], np.float32)
+        # Causal model: positions after an example's last target cannot change its loss,
+        # so each chunk is cut to its longest example (rounded up to a power of two, so
+        # few shapes compile) after sorting by length: short passages cost their length.
+        lengths = np.array([np.flatnonzero(m).max() + 1 if m.any() else 1 for m in mask])
+        order = np.argsort(lengths, kind='stable')
         for s in range(0, len(toks), chunk_size):
-            part = sum_sq(params, toks[s : s + chunk_size], mask[s : s + chunk_size])
+            rows = order[s : s + chunk_size]
+            cut = min(toks.shape[1], max(16, 1 << int(lengths[rows].max() - 1).bit_length()))
+            part = sum_sq(params, toks[rows, :cut], mask[rows, :cut])
             total = part if total is None else jax.tree.map(jnp.add, total, part)
-            count += len(toks[s : s + chunk_size])
+            count += len(rows)
+            if (s // chunk_size) % 8 == 7:
+                logging.info(
+                    'estimate_second_moments: %d examples, %.1f examples/s',
+                    count,
+                    count / (time.time() - start),
+                )
     if not count:
         raise ValueError('estimate_second_moments needs at least one example.')
     mean_sq = jax.tree.map(lambda x: x / count, total)
@@ -98,3 +117,90 @@ def estimate_second_moments(
     return optax.FactoredState(
         count=jnp.asarray(count, jnp.int32), v_row=pick(0), v_col=pick(1), v=pick(2)
     )
+
+
+MOMENTS_DIR = 'second_moments'
+_FIELDS = ('v_row', 'v_col', 'v')
+
+
+def save_moments(directory: str, moments: optax.FactoredState, meta: Mapping[str, Any]) -> str:
+    """Writes ``moments`` beside a checkpoint as ``<directory>/second_moments/``.
+
+    The directory holds ``moments.npz`` (one array per field and parameter path) and
+    ``meta.json`` (how they were estimated); it is written to a temporary name and renamed,
+    so a crash never leaves a half-written estimate that loads. Only process 0 writes.
+
+    Returns:
+      The directory written.
+    """
+    from flax import traverse_util
+
+    out = os.path.join(directory, MOMENTS_DIR)
+    count = moments.count
+    if isinstance(count, jax.Array) and not count.is_fully_addressable:
+        count = count.addressable_data(0)  # a replicated scalar: any local copy
+    arrays = {'count': np.asarray(count)}
+    for field in _FIELDS:
+        tree = multihost_utils.process_allgather(getattr(moments, field), tiled=True)
+        for path, x in traverse_util.flatten_dict(tree, sep='/').items():
+            arrays[f'{field}/{path}'] = np.asarray(x)
+    if jax.process_index() == 0:
+        tmp = f'{out}.tmp{os.getpid()}'
+        os.makedirs(tmp, exist_ok=True)
+        np.savez(os.path.join(tmp, 'moments.npz'), **arrays)
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(dict(meta), f, indent=1)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return out
+
+
+def load_moments(directory: str) -> tuple[optax.FactoredState, dict[str, Any]] | None:
+    """(moments, meta) saved by :func:`save_moments` in ``directory``, or None if absent."""
+    from flax import traverse_util
+
+    root = os.path.join(directory, MOMENTS_DIR)
+    if not os.path.exists(os.path.join(root, 'meta.json')):
+        return None
+    with open(os.path.join(root, 'meta.json')) as f:
+        meta = json.load(f)
+    fields: dict[str, dict[str, np.ndarray]] = {k: {} for k in _FIELDS}
+    with np.load(os.path.join(root, 'moments.npz')) as z:
+        count = z['count']
+        for key in z.files:
+            if key != 'count':
+                field, path = key.split('/', 1)
+                fields[field][path] = z[key]
+    trees = {k: traverse_util.unflatten_dict(v, sep='/') for k, v in fields.items()}
+    state = optax.FactoredState(count=jnp.asarray(count, jnp.int32), **trees)
+    return state, meta
+
+
+def with_moments(opt_state: Any, moments: optax.FactoredState) -> Any:
+    """``opt_state`` with its Adafactor ``FactoredState`` replaced by ``moments``.
+
+    Raises:
+      ValueError: if ``opt_state`` has no FactoredState, or its structure differs (the
+        moments were estimated with another ``min_dim_size_to_factor``).
+    """
+    found = []
+
+    def swap(node):
+        if isinstance(node, optax.FactoredState):
+            if jax.tree.structure(node) != jax.tree.structure(moments) or any(
+                a.shape != b.shape
+                for a, b in zip(jax.tree.leaves(node), jax.tree.leaves(moments), strict=True)
+            ):
+                raise ValueError(
+                    'The estimated second moments do not match the optimizer state '
+                    '(estimated with another min_dim_size_to_factor?).'
+                )
+            found.append(True)
+            return jax.tree.map(lambda old, new: jnp.asarray(new, old.dtype), node, moments)
+        return node
+
+    out = jax.tree.map(swap, opt_state, is_leaf=lambda n: isinstance(n, optax.FactoredState))
+    if not found:
+        raise ValueError('opt_state has no Adafactor FactoredState to replace.')
+    return out

@@ -288,6 +288,30 @@ def special_token_ids(reader: Any) -> dict[str, int]:
     return out
 
 
+# Tokens that separate documents in pretraining streams, most specific first.
+DOCUMENT_TOKENS = ('<|endoftext|>', '</s>', '<|end_of_text|>')
+
+
+def document_token_id(tokenizer: Any, special: dict[str, int]) -> int:
+    """The id that starts a document in our examples (see ``data/examples.py``).
+
+    A chat model's GGUF often names a chat-turn token as bos/eos (SmolLM2-Instruct:
+    ``<|im_start|>``, ``<|im_end|>``); the pretraining document separator is what a
+    passage followed, so it is preferred when the vocabulary has one.
+
+    Raises:
+      ValueError: if neither a known separator nor a bos/eos id exists.
+    """
+    for tok in DOCUMENT_TOKENS:
+        tid = tokenizer.token_to_id(tok)
+        if tid is not None:
+            return int(tid)
+    for name in ('bos', 'eos'):
+        if name in special:
+            return int(special[name])
+    raise ValueError('The tokenizer has no document separator and no bos/eos id.')
+
+
 def read_gguf(path: str) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, int]]:
     """(config, params as numpy float32, tokenizer, special token ids) of a GGUF file."""
     import gguf
@@ -334,7 +358,7 @@ def import_gguf(path: str, output_dir: str) -> tuple[LlamaConfig, dict[str, Any]
         'model': cfg.to_dict(),
         'tokenizer': TOKENIZER_FILE,
         'source': os.path.abspath(path),
-        'special_tokens': special,
+        'special_tokens': {**special, 'document': document_token_id(tokenizer, special)},
         'opt_state': None,
     }
     checkpoint.save(checkpoint.manager(output_dir), 0, {'params': params}, config)
@@ -374,3 +398,18 @@ def load_imported(
     )
     tokenizer = Tokenizer.from_file(os.path.join(directory, meta['tokenizer']))
     return model, state['params'], tokenizer
+
+
+def imported_tokenizer(directory: str, step: int | None = None) -> Any:
+    """The checkpoint's tokenizer as a ``data.corpus.HFTokenizer`` (the examples' API)."""
+    from tokenizers import Tokenizer
+
+    from trackstar_jax.data.corpus import HFTokenizer
+
+    meta = checkpoint.restore_config(directory, step)
+    path = os.path.join(directory, meta['tokenizer'])
+    special = meta.get('special_tokens', {})
+    doc = special.get('document')
+    if doc is None:  # checkpoints imported before the separator was recorded
+        doc = document_token_id(Tokenizer.from_file(path), special)
+    return HFTokenizer(path, document_id=doc)
