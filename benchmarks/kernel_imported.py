@@ -12,8 +12,8 @@ For each sequence length, in one process and interleaved (so drift hits all alik
 Each is compiled first (compile seconds reported apart), then timed as the median of
 ``--repeats`` calls. Peak memory is the compiled executable's ``memory_analysis()``
 (temp + arguments + outputs), plus this process's peak RSS at the end. Batches are
-Wikipedia passages of the embedded corpus tokenised with the model's tokenizer and cut to
-T tokens (every token after the first is a target).
+Wikipedia passages of the embedded corpus tokenised with the model's tokenizer and packed
+into rows of T tokens (every token after the first is a target).
 
 Usage (after ``launch/import_checkpoint.py`` and ``launch/estimate_second_moments.py``)::
 
@@ -49,19 +49,20 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
 def passages_batch(tokenizer: Any, batch: int, seq_len: int) -> dict[str, np.ndarray]:
-    """``batch`` Wikipedia passages with at least ``seq_len`` tokens, cut to ``seq_len``."""
-    tokens = []
+    """``batch`` rows of ``seq_len`` tokens of Wikipedia text, packed as in pretraining.
+
+    Passages (each led by the document token) are concatenated and cut into rows, so a
+    row may span passages; every token after a row's first is a target.
+    """
+    stream: list[int] = []
     for rec in corpus_lib.load_corpus(sources=['wikipedia']):
-        ids = [tokenizer.eos_id, *tokenizer.encode(rec['text'])]
-        if len(ids) >= seq_len:
-            tokens.append(ids[:seq_len])
-        if len(tokens) == batch:
+        stream += [tokenizer.eos_id, *tokenizer.encode(rec['text'])]
+        if len(stream) >= batch * seq_len:
             break
-    if len(tokens) < batch:
-        raise ValueError(f'Fewer than {batch} passages have {seq_len} tokens.')
+    tokens = np.asarray(stream[: batch * seq_len], np.int32).reshape(batch, seq_len)
     mask = np.ones((batch, seq_len), np.float32)
     mask[:, 0] = 0.0
-    return {'tokens': np.asarray(tokens, np.int32), 'loss_mask': mask}
+    return {'tokens': tokens, 'loss_mask': mask}
 
 
 def run_length(loaded: common.LoadedModel, mesh, seq_len: int, batch_size: int, repeats: int):

@@ -219,7 +219,7 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
         'pipeline_wall_s': pipeline,
         'peak_rss_mb': _peak_rss_mb(),
         'queries': [
-            {'id': int(q), 'top': [int(i) for i in ids]}
+            {'id': int(q), 'top': [int(i) for i in ids if i != '']}  # '' pads k > N
             for q, ids in zip(res.query_ids, res.ids, strict=True)
         ],
     }

@@ -26,6 +26,8 @@ from trackstar_jax.jobs import train_lm  # noqa: E402
 def train_if_needed_then_evaluate(*, workdir: str) -> dict:
     """Trains the model if its checkpoint is missing, then runs the evaluation."""
     ckpt = gin.query_parameter('evaluate.checkpoint_dir')
+    if isinstance(ckpt, gin.config.ConfigurableReference):  # a macro such as %CHECKPOINT
+        ckpt = ckpt.scoped_configurable_fn()
     if checkpoint.latest_step(ckpt) is None:
         logging.info('No checkpoint in %s: training the demo model first.', ckpt)
         train_lm.train_lm(workdir=os.path.dirname(os.path.abspath(ckpt)))
