@@ -324,6 +324,17 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, l
     return times
 
 
+def _record_throughput(
+    methods: dict[str, dict], times: dict[str, list[float]], batch: int, seq_len: int
+) -> None:
+    """Adds median seconds, all seconds, examples/s and tokens/s to each method's record."""
+    for name, ts in times.items():
+        med = _median(ts)
+        methods[name].update(
+            seconds=med, all_seconds=ts, examples_s=batch / med, tokens_s=batch * seq_len / med
+        )
+
+
 def _constants(feat) -> Any:
     """The second argument ``Featurizer._run`` passes to its jitted kernels."""
     return getattr(feat, 'constants', feat.corrections)
@@ -530,14 +541,7 @@ def child_time(cfg: dict[str, int], state_path: str, repeats: int, breakdown: bo
         'train_step': step,
     }
     times = _interleaved(fns, repeats)
-    for name, ts in times.items():
-        med = _median(ts)
-        res['methods'][name].update(
-            seconds=med,
-            all_seconds=ts,
-            examples_s=b / med,
-            tokens_s=b * cfg['seq_len'] / med,
-        )
+    _record_throughput(res['methods'], times, b, cfg['seq_len'])
     m = res['methods']
     res['ratios'] = {
         'fused_over_reference': m['fused']['examples_s'] / m['reference']['examples_s'],

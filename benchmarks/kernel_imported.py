@@ -39,7 +39,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernel import _compile, _device_info, _flops, _interleaved, _median, _memory  # noqa: E402
+from benchmarks.kernel import (  # noqa: E402
+    _compile,
+    _device_info,
+    _flops,
+    _interleaved,
+    _memory,
+    _record_throughput,
+)
 from trackstar_jax import grads, train  # noqa: E402
 from trackstar_jax import sharding as shd  # noqa: E402
 from trackstar_jax.data import corpus as corpus_lib  # noqa: E402
@@ -128,14 +135,7 @@ def run_length(loaded: common.LoadedModel, mesh, seq_len: int, batch_size: int, 
     fns['train_step'] = step
     _interleaved(fns, 1)  # warm-up: first calls allocate
     times = _interleaved(fns, repeats)
-    for name, ts in times.items():
-        med = _median(ts)
-        res['methods'][name].update(
-            seconds=med,
-            all_seconds=ts,
-            examples_s=batch_size / med,
-            tokens_s=batch_size * seq_len / med,
-        )
+    _record_throughput(res['methods'], times, batch_size, seq_len)
     m = res['methods']
     res['ratios'] = {
         f'{name}_over_train_step': m[name]['examples_s'] / m['train_step']['examples_s']

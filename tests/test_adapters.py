@@ -14,32 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.llama_fixtures import TIED, UNTIED, rel_err
 from trackstar_jax import grads
 from trackstar_jax.models import adapters
 from trackstar_jax.models.llama import LlamaConfig, LlamaLM
-
-# GQA: 6 query heads over 2 key/value heads; the untied shape has head_dim 8 != 24 // 6.
-TIED = LlamaConfig(
-    vocab_size=40, num_layers=2, d_model=24, num_heads=6, num_kv_heads=2, mlp_dim=40, max_len=16
-)
-UNTIED = LlamaConfig(
-    vocab_size=40,
-    num_layers=3,
-    d_model=24,
-    num_heads=6,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=40,
-    max_len=16,
-    rope_base=1e5,
-    norm_eps=1e-6,
-    tie_embeddings=False,
-)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def random_maxtext(cfg, *, scanned, scan_axis=1, seed=0):
