@@ -1,15 +1,11 @@
-r"""Featurise fact queries (completion-only loss masks) into a query index.
+r"""Featurize fact queries (completion-only loss masks) into a query index.
 
 python launch/query.py --gin_file=pipeline_demo.gin --workdir=runs/demo
 """
 
-import os
-import sys
+import launch_common
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trackstar_jax import launch_utils  # noqa: E402
-from trackstar_jax.jobs import attribution  # noqa: E402
+from trackstar_jax.jobs import attribution
 
 if __name__ == '__main__':
-    launch_utils.run(attribution.index_queries, 'pipeline_demo.gin', 'query.gin')
+    launch_common.run(attribution.index_queries, 'pipeline_demo.gin', 'query.gin')

@@ -1,15 +1,11 @@
-r"""Exact top-k proponents of every query over the whole train index.
+r"""Exact top-k proponents of every query over the whole train index (JSONL).
 
 python launch/score.py --gin_file=pipeline_demo.gin --workdir=runs/demo
 """
 
-import os
-import sys
+import launch_common
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trackstar_jax import launch_utils  # noqa: E402
-from trackstar_jax.jobs import attribution  # noqa: E402
+from trackstar_jax.jobs import attribution
 
 if __name__ == '__main__':
-    launch_utils.run(attribution.score_queries, 'pipeline_demo.gin', 'score.gin')
+    launch_common.run(attribution.score, 'pipeline_demo.gin', 'score.gin')

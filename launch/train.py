@@ -9,12 +9,10 @@ import json
 import os
 import sys
 
+import launch_common
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trackstar_jax import launch_utils  # noqa: E402
-from trackstar_jax.jobs import train_lm  # noqa: E402
+from trackstar_jax.jobs import train_lm
 
 _RESULTS = flags.DEFINE_string(
     'results', None, 'Also write the summary JSON here (e.g. benchmarks/results/).'
@@ -32,4 +30,4 @@ def train_and_report(*, workdir: str) -> dict:
 
 
 if __name__ == '__main__':
-    launch_utils.run(train_and_report, 'train_demo.gin', 'train.gin')
+    launch_common.run(train_and_report, 'train_demo.gin', 'train.gin')

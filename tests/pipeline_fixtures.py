@@ -75,3 +75,15 @@ def query_examples(n: int = 6, seed: int = 2):
         mask[int(rng.integers(4, 10)) :] = 1
         out.append({'id': f'query-{i}', 'tokens': tokens, 'loss_mask': mask})
     return out
+
+
+def build_index(
+    feat, examples, path, chunk_rows, batch_size=None, seq_len=SEQ_LEN, dtype='float32', **kw
+):
+    """pipeline.featurize with the index settings spelled as the tests use them."""
+    from trackstar_jax import pipeline
+
+    config = pipeline.IndexConfig(
+        seq_len=seq_len, batch_size=batch_size or chunk_rows, chunk_rows=chunk_rows, dtype=dtype
+    )
+    return pipeline.featurize(feat, examples, str(path), config, **kw)

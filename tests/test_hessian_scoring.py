@@ -7,20 +7,17 @@ import numpy as np
 import pytest
 
 from tests import pipeline_fixtures as fx
-from trackstar_jax import hessian, index, scoring
+from trackstar_jax import hessian, index, pipeline, preconditioners
 from trackstar_jax import sharding as shd
+from trackstar_jax.pipeline import FitConfig, ScoreConfig
 
 
 @pytest.fixture(scope='module')
 def indices(tmp_path_factory):
     root = tmp_path_factory.mktemp('indices')
     feat = fx.featurizer()
-    train = index.build(
-        feat, fx.train_examples(45), str(root / 'train'), chunk_rows=8, seq_len=fx.SEQ_LEN
-    )
-    queries = index.build(
-        feat, fx.query_examples(6), str(root / 'queries'), chunk_rows=8, seq_len=fx.SEQ_LEN
-    )
+    train = fx.build_index(feat, fx.train_examples(45), str(root / 'train'), chunk_rows=8)
+    queries = fx.build_index(feat, fx.query_examples(6), str(root / 'queries'), chunk_rows=8)
     return str(root), train, queries
 
 
@@ -49,27 +46,29 @@ def test_fit_matches_numpy_and_whitens(indices):
     q = queries.read(slice(0, len(queries)))
     r_train, r_eval = _numpy_r(t, nb), _numpy_r(q, nb)
     for lam in (0.3, 'auto'):
-        h = hessian.fit(train.path, queries.path, lam=lam, damping=0.05, chunk_rows=7)
+        h = pipeline.fit(train, queries, FitConfig(lam=lam, damping=0.05, chunk_rows=7))
         if lam == 'auto':
             # k scales with D: 1000 of 65536 -> at least component 1 here.
-            assert h.k_component == max(1, round(1000 * train.dim / 65536))
+            assert h.info['k_component'] == max(1, round(1000 * train.dim / 65536))
             e_t = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in r_train]))[::-1]
             e_e = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in r_eval]))[::-1]
-            k = h.k_component - 1
-            assert h.lam * e_e[k] == pytest.approx((1 - h.lam) * e_t[k], rel=1e-4)
-            np.testing.assert_allclose(h.eig_train, e_t, rtol=1e-4, atol=1e-6 * e_t[0])
-        r = h.lam * r_eval + (1 - h.lam) * r_train
+            k = h.info['k_component'] - 1
+            assert h.info['lam'] * e_e[k] == pytest.approx((1 - h.info['lam']) * e_t[k], rel=1e-4)
+            np.testing.assert_allclose(
+                h.diagnostics['eig_train'], e_t, rtol=1e-4, atol=1e-6 * e_t[0]
+            )
+        r = h.info['lam'] * r_eval + (1 - h.info['lam']) * r_train
         np.testing.assert_allclose(
-            h.r_inv_sqrt,
+            h.arrays['r_inv_sqrt'],
             _numpy_inv_sqrt(r, 0.05),
             rtol=2e-3,
-            atol=1e-4 * np.abs(h.r_inv_sqrt).max(),
+            atol=1e-4 * np.abs(h.arrays['r_inv_sqrt']).max(),
         )
         # R^-1/2 (R + δ I) R^-1/2 = I on the damped spectrum.
         for b in range(nb):
             e = np.maximum(np.linalg.eigvalsh(r[b]), 0)
             damped = r[b] + 0.05 * e.mean() * np.eye(r.shape[1])
-            m = h.r_inv_sqrt[b].astype(np.float64)
+            m = h.arrays['r_inv_sqrt'][b].astype(np.float64)
             np.testing.assert_allclose(m @ damped @ m, np.eye(r.shape[1]), atol=2e-3)
 
 
@@ -91,21 +90,25 @@ def test_auto_lambda_recovers_a_known_crossing():
 
 def test_save_load_round_trip(indices, tmp_path):
     _, train, queries = indices
-    h = hessian.fit(train.path, queries.path, lam='auto')
+    h = pipeline.fit(train, queries)
     h.save(str(tmp_path / 'h'))
-    loaded = hessian.load(str(tmp_path / 'h'))
-    np.testing.assert_array_equal(loaded.r_inv_sqrt, h.r_inv_sqrt)
-    assert loaded.lam == h.lam and loaded.manifest == h.manifest
-    np.testing.assert_array_equal(loaded.eig_eval, h.eig_eval)
+    h.save(str(tmp_path / 'h'))  # a second save replaces the first whole
+    loaded = preconditioners.load(str(tmp_path / 'h'))
+    np.testing.assert_array_equal(loaded.arrays['r_inv_sqrt'], h.arrays['r_inv_sqrt'])
+    assert loaded.info == h.info and loaded.manifest == h.manifest and loaded.kind == 'mixed'
+    np.testing.assert_array_equal(loaded.diagnostics['eig_eval'], h.diagnostics['eig_eval'])
+    assert len([d for d in os.listdir(tmp_path / 'h') if d.startswith('arrays_')]) == 1
     v = train.read(slice(0, 5))
     np.testing.assert_allclose(
         np.asarray(loaded.apply(v)),
-        np.einsum('nbi,bij->nbj', _blocks(v, 4), h.r_inv_sqrt).reshape(5, -1),
+        np.einsum('nbi,bij->nbj', _blocks(v, 4), h.arrays['r_inv_sqrt']).reshape(5, -1),
         rtol=1e-5,
         atol=1e-6,
     )
-    with pytest.raises(ValueError, match='query_path'):
-        hessian.fit(train.path, lam=0.5)
+    with pytest.raises(ValueError, match='needs a query index'):
+        pipeline.fit(train, None, FitConfig(preconditioner='mixed', lam=0.5))
+    with pytest.raises(ValueError, match='registered'):
+        pipeline.fit(train, queries, FitConfig(preconditioner='ekfac'))
 
 
 def _brute_force(q, t, r_inv_sqrt, unit_norm, k, ids):
@@ -128,20 +131,18 @@ def _brute_force(q, t, r_inv_sqrt, unit_norm, k, ids):
 )
 def test_scores_equal_brute_force(indices, use_r, unit_norm):
     root, train, queries = indices
-    h = hessian.fit(train.path, queries.path, lam='auto') if use_r else None
-    res = scoring.score(
-        queries.path,
-        train.path,
-        hessian=h,
-        k=7,
-        unit_norm=unit_norm,
-        chunk_rows=10,
+    h = pipeline.fit(train, queries) if use_r else None
+    res = pipeline.score(
+        queries,
+        train,
+        h,
+        ScoreConfig(k=7, unit_norm=unit_norm, chunk_rows=10),
         out_path=os.path.join(root, f'scores_{use_r}.jsonl'),
     )
     rows, scores = _brute_force(
         queries.read(slice(0, 6)),
         train.read(slice(0, 45)),
-        h.r_inv_sqrt if h else None,
+        h.arrays['r_inv_sqrt'] if h else None,
         unit_norm,
         7,
         train.ids,
@@ -155,21 +156,24 @@ def test_scores_equal_brute_force(indices, use_r, unit_norm):
 
 def test_identical_for_devices_and_chunk_sizes(indices):
     _, train, queries = indices
-    h = hessian.fit(train.path, queries.path, lam='auto')
+    h = pipeline.fit(train, queries)
     one = shd.make_mesh((('data', 1), ('model', 1)), devices=jax.devices()[:1])
-    base = scoring.score(queries.path, train.path, hessian=h, k=5, mesh=one, chunk_rows=45)
+    base = pipeline.score(queries, train, h, ScoreConfig(k=5, chunk_rows=45), mesh=one)
     for mesh, chunk in [
         (None, 8),
         (shd.make_mesh((('data', 8), ('model', 1))), 3),
         (shd.make_mesh((('data', 2), ('model', 4))), 16),
     ]:
-        got = scoring.score(queries.path, train.path, hessian=h, k=5, mesh=mesh, chunk_rows=chunk)
+        got = pipeline.score(queries, train, h, ScoreConfig(k=5, chunk_rows=chunk), mesh=mesh)
         np.testing.assert_array_equal(got.rows, base.rows)
         np.testing.assert_allclose(got.scores, base.scores, rtol=1e-6)
     # Fitting on 1 device or 8 gives the same R^-1/2.
-    h1 = hessian.fit(train.path, queries.path, lam='auto', mesh=one, chunk_rows=45)
+    h1 = pipeline.fit(train, queries, FitConfig(chunk_rows=45), mesh=one)
     np.testing.assert_allclose(
-        h1.r_inv_sqrt, h.r_inv_sqrt, rtol=1e-4, atol=1e-5 * np.abs(h.r_inv_sqrt).max()
+        h1.arrays['r_inv_sqrt'],
+        h.arrays['r_inv_sqrt'],
+        rtol=1e-4,
+        atol=1e-5 * np.abs(h.arrays['r_inv_sqrt']).max(),
     )
 
 
@@ -178,12 +182,10 @@ def test_ties_are_broken_by_example_id(tmp_path):
     ex = fx.train_examples(6)
     # Three identical examples under different ids, in non-sorted row order.
     dup = [dict(ex[0], id=i) for i in ('c-dup', 'a-dup', 'b-dup')]
-    train = index.build(feat, ex[1:] + dup, str(tmp_path / 't'), chunk_rows=2, seq_len=fx.SEQ_LEN)
-    queries = index.build(
-        feat, [dict(ex[0], id='q')], str(tmp_path / 'q'), chunk_rows=2, seq_len=fx.SEQ_LEN
-    )
+    train = fx.build_index(feat, ex[1:] + dup, str(tmp_path / 't'), chunk_rows=2)
+    queries = fx.build_index(feat, [dict(ex[0], id='q')], str(tmp_path / 'q'), chunk_rows=2)
     for chunk in (1, 3, 8):
-        res = scoring.score(queries.path, train.path, k=3, chunk_rows=chunk)
+        res = pipeline.score(queries, train, None, ScoreConfig(k=3, chunk_rows=chunk))
         assert res.ids[0] == ['a-dup', 'b-dup', 'c-dup']
         assert res.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
@@ -191,8 +193,6 @@ def test_ties_are_broken_by_example_id(tmp_path):
 def test_score_refuses_mismatched_indices(indices, tmp_path):
     _, train, _ = indices
     other = fx.featurizer(spec=fx.grads.GradientSpec(block_dim=16, num_layer_blocks=2, seed=9))
-    q = index.build(
-        other, fx.query_examples(2), str(tmp_path / 'q'), chunk_rows=2, seq_len=fx.SEQ_LEN
-    )
+    q = fx.build_index(other, fx.query_examples(2), str(tmp_path / 'q'), chunk_rows=2)
     with pytest.raises(index.ManifestMismatchError):
-        scoring.score(q.path, train.path)
+        pipeline.score(q, train)

@@ -11,6 +11,7 @@ import pytest
 
 from tests import pipeline_fixtures as fx
 from trackstar_jax import grads, index
+from trackstar_jax.data import examples as examples_lib
 from trackstar_jax import sharding as shd
 
 KILL_WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'index_kill_worker.py')
@@ -23,12 +24,10 @@ def feat():
 
 def test_index_round_trip_equals_featurizer(feat, tmp_path):
     ex = fx.train_examples(21)
-    idx = index.build(
-        feat, ex, str(tmp_path / 'train'), chunk_rows=8, batch_size=4, seq_len=fx.SEQ_LEN
-    )
+    idx = fx.build_index(feat, ex, str(tmp_path / 'train'), chunk_rows=8, batch_size=4)
     assert len(idx) == 21 and idx.ids == [e['id'] for e in ex]
     direct = np.concatenate(
-        [np.asarray(feat(index._pad_rows(ex[i : i + 1], 1, fx.SEQ_LEN))) for i in range(21)]
+        [np.asarray(feat(examples_lib.pad_batch(ex[i : i + 1], 1, fx.SEQ_LEN))) for i in range(21)]
     )
     np.testing.assert_allclose(
         idx.read(slice(0, 21)), direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max()
@@ -43,25 +42,21 @@ def test_index_round_trip_equals_featurizer(feat, tmp_path):
     assert m['correction'] == 'adafactor' and m['output_fn'] == 'loss'
     assert m['layout']['params']['layers_0/mlp/wo/kernel'] == 1
     # Chunk size does not change the vectors; reopening an index is free.
-    other = index.build(feat, ex, str(tmp_path / 'train5'), chunk_rows=5, seq_len=fx.SEQ_LEN)
+    other = fx.build_index(feat, ex, str(tmp_path / 'train5'), chunk_rows=5)
     np.testing.assert_allclose(
         other.read(slice(0, 21)),
         idx.read(slice(0, 21)),
         rtol=1e-5,
         atol=1e-6 * np.abs(direct).max(),
     )
-    again = index.build(
-        feat, ex, str(tmp_path / 'train'), chunk_rows=8, batch_size=4, seq_len=fx.SEQ_LEN
-    )
+    again = fx.build_index(feat, ex, str(tmp_path / 'train'), chunk_rows=8, batch_size=4)
     np.testing.assert_array_equal(again.read(slice(0, 21)), idx.read(slice(0, 21)))
 
 
 def test_bfloat16_storage(feat, tmp_path):
     ex = fx.train_examples(9)
-    f32 = index.build(feat, ex, str(tmp_path / 'a'), chunk_rows=4, seq_len=fx.SEQ_LEN)
-    bf16 = index.build(
-        feat, ex, str(tmp_path / 'b'), chunk_rows=4, seq_len=fx.SEQ_LEN, dtype='bfloat16'
-    )
+    f32 = fx.build_index(feat, ex, str(tmp_path / 'a'), chunk_rows=4)
+    bf16 = fx.build_index(feat, ex, str(tmp_path / 'b'), chunk_rows=4, dtype='bfloat16')
     a, b = f32.read(slice(0, 9)), bf16.read(slice(0, 9))
     assert b.dtype == np.float32
     np.testing.assert_allclose(b, a, rtol=2**-7, atol=1e-30)
@@ -71,16 +66,16 @@ def test_bfloat16_storage(feat, tmp_path):
 
 def test_manifest_mismatch_is_refused(feat, tmp_path):
     ex = fx.train_examples(6)
-    a = index.build(feat, ex, str(tmp_path / 'a'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+    a = fx.build_index(feat, ex, str(tmp_path / 'a'), chunk_rows=4)
     model, params, state = fx.model_and_state()
     other_seed = grads.Featurizer(
         model, params, grads.GradientSpec(block_dim=16, num_layer_blocks=2, seed=4), opt_state=state
     )
-    b = index.build(other_seed, ex, str(tmp_path / 'b'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+    b = fx.build_index(other_seed, ex, str(tmp_path / 'b'), chunk_rows=4)
     with pytest.raises(index.ManifestMismatchError, match='spec'):
         index.check_compatible(a.manifest, b.manifest)
     other_model, other_params, other_state = fx.model_and_state(seed=5)
-    c = index.build(
+    c = fx.build_index(
         grads.Featurizer(other_model, other_params, fx.SPEC, opt_state=other_state),
         ex,
         str(tmp_path / 'c'),
@@ -91,9 +86,9 @@ def test_manifest_mismatch_is_refused(feat, tmp_path):
         index.check_compatible(a.manifest, c.manifest)
     # Re-using a path with other settings is refused, not silently mixed.
     with pytest.raises(ValueError, match='other settings'):
-        index.build(other_seed, ex, str(tmp_path / 'a'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+        fx.build_index(other_seed, ex, str(tmp_path / 'a'), chunk_rows=4)
     with pytest.raises(ValueError, match='unique'):
-        index.build(feat, ex + ex[:1], str(tmp_path / 'd'), chunk_rows=4, seq_len=fx.SEQ_LEN)
+        fx.build_index(feat, ex + ex[:1], str(tmp_path / 'd'), chunk_rows=4)
 
 
 def _run_kill_worker(path, kill_at):
@@ -145,11 +140,9 @@ def test_sigkill_mid_build_then_resume_gives_identical_index(tmp_path):
 
 def test_sharded_featurizer_builds_the_same_index(feat, tmp_path):
     ex = fx.train_examples(13)
-    one = index.build(feat, ex, str(tmp_path / 'one'), chunk_rows=8, seq_len=fx.SEQ_LEN)
+    one = fx.build_index(feat, ex, str(tmp_path / 'one'), chunk_rows=8)
     mesh = shd.make_mesh((('data', 4), ('model', 2)))
-    eight = index.build(
-        fx.featurizer(mesh), ex, str(tmp_path / 'eight'), chunk_rows=8, seq_len=fx.SEQ_LEN
-    )
+    eight = fx.build_index(fx.featurizer(mesh), ex, str(tmp_path / 'eight'), chunk_rows=8)
     index.check_compatible(one.manifest, eight.manifest)
     a = one.read(slice(0, 13))
     np.testing.assert_allclose(eight.read(slice(0, 13)), a, rtol=1e-5, atol=1e-6 * np.abs(a).max())

@@ -92,7 +92,7 @@ PIPELINE_WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'pipeline_w
 
 def test_two_process_index_and_scores_equal_one_process(tmp_path):
     from tests import pipeline_fixtures as fx
-    from trackstar_jax import hessian, index, scoring
+    from trackstar_jax import index, pipeline
 
     root = tmp_path / 'two'
     root.mkdir()
@@ -101,12 +101,8 @@ def test_two_process_index_and_scores_equal_one_process(tmp_path):
 
     mesh = shd.make_mesh((('data', 4), ('model', 2)))
     feat = fx.featurizer(mesh)
-    train = index.build(
-        feat, fx.train_examples(45), str(tmp_path / 'train'), chunk_rows=8, seq_len=fx.SEQ_LEN
-    )
-    queries = index.build(
-        feat, fx.query_examples(6), str(tmp_path / 'queries'), chunk_rows=4, seq_len=fx.SEQ_LEN
-    )
+    train = fx.build_index(feat, fx.train_examples(45), str(tmp_path / 'train'), chunk_rows=8)
+    queries = fx.build_index(feat, fx.query_examples(6), str(tmp_path / 'queries'), chunk_rows=4)
     two_train = index.open(str(root / 'train'))
     assert two_train.ids == train.ids
     a = train.read(slice(0, len(train)))
@@ -114,8 +110,8 @@ def test_two_process_index_and_scores_equal_one_process(tmp_path):
         two_train.read(slice(0, len(train))), a, rtol=1e-5, atol=1e-6 * np.abs(a).max()
     )
     index.check_compatible(two_train.manifest, train.manifest)
-    h = hessian.fit(train.path, queries.path, lam='auto', mesh=mesh)
-    res = scoring.score(queries.path, train.path, hessian=h, k=5, mesh=mesh)
-    assert float(got['lam']) == pytest.approx(h.lam, rel=1e-4)
+    h = pipeline.fit(train, queries, mesh=mesh)
+    res = pipeline.score(queries, train, h, pipeline.ScoreConfig(k=5), mesh=mesh)
+    assert float(got['lam']) == pytest.approx(h.info['lam'], rel=1e-4)
     np.testing.assert_array_equal(got['rows'], res.rows)
     np.testing.assert_allclose(got['scores'], res.scores, rtol=1e-5)

@@ -1,7 +1,9 @@
-"""gin wiring: the configurables every job exposes, parsing, and the operative config.
+"""gin wiring: the typed configs every job takes, parsing, and the written config.
 
-Jobs are plain keyword-only functions; this module is the only place that makes them
-(and the typed config dataclasses) gin-configurable, as T5X's ``gin_utils`` does.
+The jobs are keyword-only functions decorated ``gin.configurable`` where they are
+defined; this module makes the typed config dataclasses they take (and the ones the
+Python API shares) configurable under ``trackstar_jax.``, imports the job modules so
+their names are registered, and parses files and bindings, as T5X's ``gin_utils`` does.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from collections.abc import Sequence
 import gin
 import jax
 
-from trackstar_jax import train
-from trackstar_jax.eval import fact_tracing  # noqa: F401 (registers the jobs)
-from trackstar_jax.jobs import attribution, train_lm  # noqa: F401
+from trackstar_jax import grads, pipeline, train
+from trackstar_jax.eval import fact_tracing
+from trackstar_jax.jobs import attribution, train_lm  # noqa: F401 (registers the jobs)
 from trackstar_jax.models import decoder
 
 GIN_CONFIG_DIR = os.path.join(
@@ -23,6 +25,12 @@ GIN_CONFIG_DIR = os.path.join(
 
 DecoderConfig = gin.external_configurable(decoder.DecoderConfig, module='trackstar_jax')
 TrainConfig = gin.external_configurable(train.TrainConfig, module='trackstar_jax')
+GradientSpec = gin.external_configurable(grads.GradientSpec, module='trackstar_jax')
+IndexConfig = gin.external_configurable(pipeline.IndexConfig, module='trackstar_jax')
+FitConfig = gin.external_configurable(pipeline.FitConfig, module='trackstar_jax')
+ScoreConfig = gin.external_configurable(pipeline.ScoreConfig, module='trackstar_jax')
+Method = gin.external_configurable(pipeline.Method, module='trackstar_jax')
+EvalConfig = gin.external_configurable(fact_tracing.EvalConfig, module='trackstar_jax')
 
 
 def parse(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
@@ -32,12 +40,19 @@ def parse(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=True)
 
 
-def write_operative_config(directory: str, name: str = 'config.gin') -> str | None:
-    """Process 0 writes the resolved gin config beside a job's outputs."""
+def write_config(directory: str, name: str = 'config.gin', operative: bool = False) -> str | None:
+    """Process 0 writes the gin config beside a job's outputs.
+
+    Called when a job starts (``operative=False``: every binding parsed, so a job that
+    dies still says how it was configured) and again when it ends (``operative=True``:
+    the values the job actually used, defaults included).
+    """
     if jax.process_index() != 0:
         return None
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    with open(path, 'w') as f:
-        f.write(gin.operative_config_str())
+    text = gin.operative_config_str() if operative else gin.config_str()
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
     return path

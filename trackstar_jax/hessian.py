@@ -5,117 +5,34 @@
     R^-1/2 per block from eigh, with damping δ_b = damping · mean eigenvalue of R_b
 
 R_train comes from the train index, R_eval from the query index, each in one
-streaming pass sharded over the mesh (per-device partial sums, all-reduced by XLA).
+streaming pass sharded over the mesh (per-device partial sums in float32, all-reduced
+by XLA; the eigendecompositions run in float64).
 
 λ = 'auto': the sorted (descending, all blocks pooled) eigenvalue curves of λR_eval and
 (1 − λ)R_train cross at component k, k = top_k_components · D / 65536 (the paper's
 1000 of 2^16), i.e. λ = e_train[k] / (e_eval[k] + e_train[k]): the top ~k task-specific
 directions are down-weighted, the rest are left to R_train.
+
+This module is the math; :mod:`trackstar_jax.preconditioners` makes it a preconditioner.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import time
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorstore as ts
 from absl import logging
 from jax.sharding import Mesh
 
-from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax import streaming
+from trackstar_jax.index import Index
 
 PAPER_DIM = 65536
-
-
-@dataclasses.dataclass
-class Hessian:
-    """R^-1/2 per block, with how it was chosen.
-
-    Attributes:
-      r_inv_sqrt: float32 [num_blocks, d_b, d_b], symmetric.
-      lam: the mixing weight λ of R_eval.
-      k_component: the component at which λ was matched (None if λ was given).
-      damping: relative damping (times each block's mean eigenvalue).
-      eig_train: descending eigenvalues of R_train, all blocks pooled [D].
-      eig_eval: the same for R_eval, or None without queries.
-      manifest: the vector-defining entries of the train index's manifest.
-    """
-
-    r_inv_sqrt: np.ndarray
-    lam: float
-    k_component: int | None
-    damping: float
-    eig_train: np.ndarray
-    eig_eval: np.ndarray | None
-    manifest: dict[str, Any]
-
-    @property
-    def num_blocks(self) -> int:
-        """Number of blocks."""
-        return self.r_inv_sqrt.shape[0]
-
-    def apply(self, vectors: np.ndarray | jax.Array) -> jax.Array:
-        """R^-1/2 · v for each row of ``vectors`` [n, D] -> float32 [n, D]."""
-        return apply_blocks(jnp.asarray(self.r_inv_sqrt), jnp.asarray(vectors, jnp.float32))
-
-    def save(self, path: str) -> None:
-        """Writes R^-1/2 (zarr3), eigenvalue curves (npz), metadata (json) and a plot."""
-        os.makedirs(path, exist_ok=True)
-        store = ts.open(
-            index_lib._array_spec(
-                os.path.join(path, 'r_inv_sqrt'),
-                self.r_inv_sqrt.shape,
-                (1, *self.r_inv_sqrt.shape[1:]),
-                'float32',
-            ),
-            create=True,
-            delete_existing=True,
-        ).result()
-        store.write(self.r_inv_sqrt.astype(np.float32)).result()
-        curves = {'eig_train': self.eig_train}
-        if self.eig_eval is not None:
-            curves['eig_eval'] = self.eig_eval
-        np.savez(os.path.join(path, 'eigenvalues.npz'), **curves)
-        meta = {
-            'lam': self.lam,
-            'k_component': self.k_component,
-            'damping': self.damping,
-            'manifest': self.manifest,
-            'shape': list(self.r_inv_sqrt.shape),
-        }
-        index_lib._atomic_write(os.path.join(path, 'hessian.json'), json.dumps(meta, indent=1))
-        plot_eigenvalues(self, os.path.join(path, 'eigenvalues.png'))
-
-
-def load(path: str) -> Hessian:
-    """Reads a Hessian written by :meth:`Hessian.save`."""
-    with open(os.path.join(path, 'hessian.json')) as f:
-        meta = json.load(f)
-    store = ts.open(
-        {
-            'driver': 'zarr3',
-            'kvstore': {'driver': 'file', 'path': os.path.join(path, 'r_inv_sqrt')},
-        },
-        open=True,
-    ).result()
-    curves = np.load(os.path.join(path, 'eigenvalues.npz'))
-    return Hessian(
-        np.asarray(store.read().result()),
-        meta['lam'],
-        meta['k_component'],
-        meta['damping'],
-        curves['eig_train'],
-        curves['eig_eval'] if 'eig_eval' in curves else None,
-        meta['manifest'],
-    )
 
 
 def apply_blocks(mats: jax.Array, vectors: jax.Array) -> jax.Array:
@@ -126,30 +43,29 @@ def apply_blocks(mats: jax.Array, vectors: jax.Array) -> jax.Array:
     return out.reshape(vectors.shape)
 
 
+@partial(jax.jit, static_argnums=(2, 3))
+def _add_outer(acc: jax.Array, vecs: jax.Array, nb: int, db: int) -> jax.Array:
+    v = vecs.reshape(vecs.shape[0], nb, db)
+    return acc + jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
+
+
 def autocorrelation(
-    path: str, *, mesh: Mesh | None = None, chunk_rows: int = 1024
+    idx: Index, *, mesh: Mesh | None = None, chunk_rows: int = 1024
 ) -> tuple[np.ndarray, int]:
     """(sum_i φ_{i,b} φ_{i,b}ᵀ per block [B, d_b, d_b] float64, N) in one streaming pass."""
-    idx = index_lib.open(path)
     mesh = mesh or streaming.default_mesh()
     nb = len(idx.manifest['layout']['block_names'])
     db = idx.manifest['layout']['block_dim']
-
-    @jax.jit
-    def add(acc, vecs):
-        v = vecs.reshape(vecs.shape[0], nb, db)
-        return acc + jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
-
     acc = jax.device_put(jnp.zeros((nb, db, db), jnp.float32), shd.replicated(mesh))
     t0 = time.time()
     for i, (vecs, *_) in enumerate(streaming.stream_rows(idx, mesh, chunk_rows)):
         jax.block_until_ready(acc)  # at most two chunks in flight: flat memory
-        acc = add(acc, vecs)  # padding rows are zero: they add nothing
+        acc = _add_outer(acc, vecs, nb, db)  # padding rows are zero: they add nothing
         if i % 16 == 0:
             done = min((i + 1) * chunk_rows, len(idx))
             logging.info(
                 'R from %s: %d/%d rows, %.0f rows/s',
-                path,
+                idx.path,
                 done,
                 len(idx),
                 done / max(time.time() - t0, 1e-9),
@@ -177,115 +93,62 @@ def inverse_sqrt(r_blocks: np.ndarray, damping: float) -> np.ndarray:
     return out
 
 
-def _sorted_eigs(r_blocks: np.ndarray) -> np.ndarray:
+def sorted_eigs(r_blocks: np.ndarray) -> np.ndarray:
+    """Eigenvalues of every block, pooled and sorted descending."""
     return np.sort(np.concatenate([np.linalg.eigvalsh(r) for r in r_blocks]))[::-1]
 
 
-def fit(
-    train_path: str,
-    query_path: str | None = None,
-    *,
-    lam: float | str = 'auto',
-    top_k_components: int = 1000,
-    damping: float = 0.01,
-    mesh: Mesh | None = None,
-    chunk_rows: int = 1024,
-) -> Hessian:
-    """Fits R_train (and R_eval from the queries), mixes them and inverts.
+def crossing_component(top_k_components: int, dim: int) -> int:
+    """The component k at which λ auto matches the curves: top_k_components of 2^16, scaled."""
+    return max(1, round(top_k_components * dim / PAPER_DIM))
 
-    Args:
-      train_path: the train index.
-      query_path: the query index (for the task-specific R_eval); None uses R_train only.
-      lam: λ in [0, 1] or 'auto' (needs query_path).
-      top_k_components: the crossing component for λ='auto', relative to D = 65536.
-      damping: relative damping of each block's spectrum.
-      mesh: the mesh to shard the pass over (default: all devices along data).
-      chunk_rows: rows streamed per step.
+
+def mix(
+    r_train: np.ndarray,
+    r_eval: np.ndarray | None,
+    lam: float | str,
+    top_k_components: int,
+    n_train: int,
+    n_eval: int,
+) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
+    """λ R_eval + (1 − λ) R_train, with λ given or 'auto'.
+
+    Returns:
+      (R [B, d_b, d_b], {'lam', 'k_component'}, {'eig_train', 'eig_eval'} curves).
 
     Raises:
-      ManifestMismatchError: if the two indices are not comparable.
-      ValueError: on a bad λ.
+      ValueError: on a bad λ, or a non-zero λ without R_eval.
     """
-    train = index_lib.open(train_path)
-    r_train_sum, n_train = autocorrelation(train_path, mesh=mesh, chunk_rows=chunk_rows)
-    r_train = r_train_sum / n_train
-    eig_train = _sorted_eigs(r_train)
-    eig_eval, k_component = None, None
-    if query_path is None:
-        if lam != 'auto' and lam != 0.0:
-            raise ValueError('A non-zero λ needs query_path (R_eval comes from queries).')
-        lam_value, r = 0.0, r_train
+    eig_train = sorted_eigs(r_train)
+    if r_eval is None:
+        if lam not in ('auto', 0, 0.0):
+            raise ValueError(f'λ = {lam!r} needs a query index (R_eval comes from queries).')
+        return r_train, {'lam': 0.0, 'k_component': None}, {'eig_train': eig_train}
+    eig_eval = sorted_eigs(r_eval)
+    k_component = None
+    if lam == 'auto':
+        dim = r_train.shape[0] * r_train.shape[1]
+        k_component = crossing_component(top_k_components, dim)
+        rank = r_train.shape[0] * min(n_train, n_eval, r_train.shape[1])
+        if k_component > rank:
+            # Each block's R has rank <= min(n, d_b): past blocks x that, both pooled
+            # curves are ~0 and the crossing, hence λ, is noise. Say so rather than fail.
+            logging.warning(
+                'λ auto: component k = %d exceeds the pooled rank of R (at most %d blocks x '
+                'min(%d train / %d query examples, d_b %d) = %d); λ is ill-determined. Pass '
+                'a fixed lam or more queries.',
+                k_component,
+                r_train.shape[0],
+                n_train,
+                n_eval,
+                r_train.shape[1],
+                rank,
+            )
+        lam_value = auto_lambda(eig_eval, eig_train, k_component)
+    elif isinstance(lam, str) or not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must be in [0, 1] or 'auto', got {lam!r}.")
     else:
-        queries = index_lib.open(query_path)
-        index_lib.check_compatible(train.manifest, queries.manifest, '(train vs query)')
-        r_eval_sum, n_eval = autocorrelation(query_path, mesh=mesh, chunk_rows=chunk_rows)
-        r_eval = r_eval_sum / n_eval
-        eig_eval = _sorted_eigs(r_eval)
-        if lam == 'auto':
-            k_component = max(1, round(top_k_components * train.dim / PAPER_DIM))
-            if k_component > min(n_train, n_eval):
-                # Beyond the rank of R_train or R_eval both curves are ~0 there and the
-                # crossing, hence λ, is noise: say so rather than fail.
-                logging.warning(
-                    'λ auto: component k = %d exceeds the %d train / %d query '
-                    'examples (the rank of R); λ is ill-determined. Pass a '
-                    'fixed lam or more queries.',
-                    k_component,
-                    n_train,
-                    n_eval,
-                )
-            lam_value = auto_lambda(eig_eval, eig_train, k_component)
-        elif isinstance(lam, str) or not 0.0 <= float(lam) <= 1.0:
-            raise ValueError(f"lam must be in [0, 1] or 'auto', got {lam!r}.")
-        else:
-            lam_value = float(lam)
-        r = lam_value * r_eval + (1.0 - lam_value) * r_train
-    logging.info(
-        'Hessian: λ = %.6f (k = %s), damping %.3g, %d blocks of %d.',
-        lam_value,
-        k_component,
-        damping,
-        r.shape[0],
-        r.shape[1],
-    )
-    manifest = {k: train.manifest[k] for k in index_lib.VECTOR_KEYS}
-    return Hessian(
-        inverse_sqrt(r, damping).astype(np.float32),
-        lam_value,
-        k_component,
-        damping,
-        eig_train,
-        eig_eval,
-        manifest,
-    )
-
-
-def plot_eigenvalues(h: Hessian, path: str) -> str | None:
-    """PNG of the eigenvalue curves λR_eval, (1 − λ)R_train and the crossing."""
-    try:
-        import matplotlib
-
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logging.warning(
-            'matplotlib is not installed (pip install trackstar_jax[eval]); no eigenvalue plot.'
-        )
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = np.arange(1, len(h.eig_train) + 1)
-    ax.loglog(x, np.maximum((1 - h.lam) * h.eig_train, 1e-30), label='(1-λ) R_train')
-    if h.eig_eval is not None:
-        ax.loglog(x, np.maximum(h.lam * h.eig_eval, 1e-30), label='λ R_eval')
-        ax.loglog(x, np.maximum(h.eig_eval, 1e-30), ':', alpha=0.5, label='R_eval')
-    ax.loglog(x, np.maximum(h.eig_train, 1e-30), ':', alpha=0.5, label='R_train')
-    if h.k_component:
-        ax.axvline(h.k_component, color='k', lw=0.8, ls='--', label=f'k = {h.k_component}')
-    ax.set_xlabel('component (descending)')
-    ax.set_ylabel('eigenvalue')
-    ax.set_title(f'λ = {h.lam:.4g}')
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        lam_value = float(lam)
+    r = lam_value * r_eval + (1.0 - lam_value) * r_train
+    info = {'lam': lam_value, 'k_component': k_component}
+    return r, info, {'eig_train': eig_train, 'eig_eval': eig_eval}

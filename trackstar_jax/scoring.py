@@ -1,6 +1,6 @@
 """Exact top-k scoring of every query against the whole train index (paper Eq. 1-2).
 
-    I(z_m, z_q) = Ḡ(z_m) · Ḡ(z_q),   Ḡ = G / ||G||,   G = R^-1/2 φ
+    I(z_m, z_q) = Ḡ(z_m) · Ḡ(z_q),   Ḡ = G / ||G||,   G = M φ   (M: a preconditioner)
 
 The train index is streamed once for all queries, chunk by chunk, never loaded whole
 and never turned into a dense N x Q matrix. Each chunk is split along the mesh's
@@ -8,15 +8,20 @@ and never turned into a dense N x Q matrix. Each chunk is split along the mesh's
 top-k (``shard_map``), the local lists are all-gathered and merged, and the merged list
 is merged with the running one. Order is (score descending, example id ascending), so
 ties are broken by id and results do not depend on chunking or device count.
+
+The compiled steps are cached per (mesh, k, preconditioner kind, unit_norm): every
+method and chunk of the same shape reuses one executable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +31,27 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from trackstar_jax import index as index_lib
+from trackstar_jax import preconditioners as precond_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax import streaming
-from trackstar_jax.hessian import Hessian, apply_blocks
+from trackstar_jax.index import Index
+from trackstar_jax.preconditioners import Preconditioner
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """How queries are scored.
+
+    Attributes:
+      k: proponents per query.
+      unit_norm: normalise both sides after preconditioning (TrackStar) or not.
+      chunk_rows: train rows per streamed chunk.
+    """
+
+    k: int = 10
+    unit_norm: bool = True
+    chunk_rows: int = 4096
+
 
 NEG_INF = -jnp.inf
 
@@ -64,15 +87,14 @@ class ScoreResult:
     def to_jsonl(self, path: str) -> str:
         """Writes :meth:`records` as JSONL (atomically)."""
         text = ''.join(json.dumps(r) + '\n' for r in self.records())
-        index_lib._atomic_write(path, text)
-        return path
+        return index_lib.write_text(path, text)
 
 
-def transform(vectors: jax.Array, r_inv_sqrt: jax.Array | None, unit_norm: bool) -> jax.Array:
-    """G = R^-1/2 φ, then Ḡ = G / ||G|| (zero vectors stay zero)."""
-    v = vectors.astype(jnp.float32)
-    if r_inv_sqrt is not None:
-        v = apply_blocks(r_inv_sqrt, v)
+def transform(
+    vectors: jax.Array, apply: precond_lib.ApplyFn, arrays: Any, unit_norm: bool
+) -> jax.Array:
+    """G = M φ (``apply(arrays, ·)``), then Ḡ = G / ||G|| (zero vectors stay zero)."""
+    v = apply(arrays, vectors.astype(jnp.float32))
     if unit_norm:
         norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
         v = v / jnp.where(norm > 0, norm, 1.0)
@@ -85,11 +107,23 @@ def _top_k_sorted(scores, ranks, rows, k):
     return -neg[..., :k], rk[..., :k], rw[..., :k]
 
 
-def make_chunk_scorer(mesh: Mesh, k: int, use_hessian: bool, unit_norm: bool):
-    """A jit-compiled step folding one train chunk into the running top-k."""
+@functools.cache
+def query_transform(mesh: Mesh, kind: str, unit_norm: bool):
+    """The jit-compiled query-side transform (replicated), one per (mesh, kind, unit_norm)."""
+    apply = precond_lib.get(kind).apply
+    return jax.jit(
+        lambda v, arrays: transform(v, apply, arrays, unit_norm),
+        out_shardings=shd.replicated(mesh),
+    )
 
-    def local(queries, vecs, valid, ranks, rows, r_inv_sqrt):
-        t = transform(vecs, r_inv_sqrt if use_hessian else None, unit_norm)
+
+@functools.cache
+def make_chunk_scorer(mesh: Mesh, k: int, kind: str, unit_norm: bool):
+    """The jit-compiled step folding one train chunk into the running top-k (cached)."""
+    apply = precond_lib.get(kind).apply
+
+    def local(queries, vecs, valid, ranks, rows, arrays):
+        t = transform(vecs, apply, arrays, unit_norm)
         s = jnp.matmul(queries, t.T, precision=jax.lax.Precision.HIGHEST)  # [Q, C_local]
         s = jnp.where(valid[None, :], s, NEG_INF)
         # lax.top_k puts the lower index first among equal scores, and stream_rows
@@ -110,8 +144,8 @@ def make_chunk_scorer(mesh: Mesh, k: int, use_hessian: bool, unit_norm: bool):
     )
 
     @partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(best_s, best_r, best_row, queries, vecs, valid, ranks, rows, r_inv_sqrt):
-        s, r, row = sharded(queries, vecs, valid, ranks, rows, r_inv_sqrt)
+    def step(best_s, best_r, best_row, queries, vecs, valid, ranks, rows, arrays):
+        s, r, row = sharded(queries, vecs, valid, ranks, rows, arrays)
         return _top_k_sorted(
             jnp.concatenate([best_s, s], axis=1),
             jnp.concatenate([best_r, r], axis=1),
@@ -122,53 +156,49 @@ def make_chunk_scorer(mesh: Mesh, k: int, use_hessian: bool, unit_norm: bool):
     return step
 
 
+def id_ranks(ids: list[str]) -> np.ndarray:
+    """Each id's position in sorted order (int32): the tie-break key."""
+    rank = np.empty(len(ids), np.int32)
+    rank[np.argsort(np.asarray(ids, dtype=object), kind='stable')] = np.arange(
+        len(ids), dtype=np.int32
+    )
+    return rank
+
+
 def score(
-    query_path: str,
-    train_path: str,
+    queries_idx: Index,
+    train: Index,
+    preconditioner: Preconditioner | None = None,
+    config: ScoreConfig = ScoreConfig(),
     *,
-    hessian: Hessian | None = None,
-    k: int = 10,
-    unit_norm: bool = True,
-    chunk_rows: int = 4096,
     mesh: Mesh | None = None,
     out_path: str | None = None,
 ) -> ScoreResult:
     """Exact top-k train examples for every query.
 
     Args:
-      query_path: the query index.
-      train_path: the train index (streamed).
-      hessian: R^-1/2 to apply to both sides, or None.
-      k: proponents per query.
-      unit_norm: normalise both sides (TrackStar) or not (the ablations).
-      chunk_rows: train rows per streamed chunk.
+      queries_idx: the query index.
+      train: the train index (streamed).
+      preconditioner: M, applied to both sides (None: identity).
+      config: k, unit norm, chunk size.
       mesh: the mesh (default: all devices along data).
       out_path: if given, process 0 writes the results there as JSONL.
 
     Raises:
-      ManifestMismatchError: if the indices (or the Hessian) are not comparable.
+      ManifestMismatchError: if the indices (or the preconditioner) are not comparable.
     """
-    queries_idx = index_lib.open(query_path)
-    train = index_lib.open(train_path)
     index_lib.check_compatible(train.manifest, queries_idx.manifest, '(train vs query)')
-    if hessian is not None:
-        index_lib.check_compatible(train.manifest, hessian.manifest, '(index vs Hessian)')
+    if preconditioner is None:
+        preconditioner = precond_lib.identity(train.manifest)
+    index_lib.check_compatible(train.manifest, preconditioner.manifest, '(index vs preconditioner)')
+    k = config.k
     if k < 1:
         raise ValueError(f'k must be >= 1, got {k}.')
     mesh = mesh or streaming.default_mesh()
     rep = shd.replicated(mesh)
-    r_mat = (
-        jax.device_put(hessian.r_inv_sqrt, rep)
-        if hessian is not None
-        else jax.device_put(np.zeros((1, 1, 1), np.float32), rep)
-    )
-    queries = jax.jit(
-        lambda v, r: transform(v, r if hessian is not None else None, unit_norm), out_shardings=rep
-    )(jax.device_put(queries_idx.read(slice(0, len(queries_idx))), rep), r_mat)
-    # Ties are broken by example id: rank = position of the id in sorted order.
-    id_rank = np.empty(len(train), np.int32)
-    id_rank[np.argsort(np.asarray(train.ids, dtype=object), kind='stable')] = np.arange(
-        len(train), dtype=np.int32
+    arrays = jax.device_put(preconditioner.arrays, rep)
+    queries = query_transform(mesh, preconditioner.kind, config.unit_norm)(
+        jax.device_put(queries_idx.read(slice(0, len(queries_idx))), rep), arrays
     )
     nq = len(queries_idx)
     best = (
@@ -176,13 +206,16 @@ def score(
         jax.device_put(np.full((nq, k), np.iinfo(np.int32).max, np.int32), rep),
         jax.device_put(np.full((nq, k), -1, np.int32), rep),
     )
-    step = make_chunk_scorer(mesh, k, hessian is not None, unit_norm)
+    step = make_chunk_scorer(mesh, k, preconditioner.kind, config.unit_norm)
     t0 = time.time()
-    chunks = streaming.stream_rows(train, mesh, chunk_rows, rank=id_rank, sort_by_rank=True)
+    chunk_rows = config.chunk_rows
+    chunks = streaming.stream_rows(
+        train, mesh, chunk_rows, rank=id_ranks(train.ids), sort_by_rank=True
+    )
     for i, (vecs, valid, rows, ranks) in enumerate(chunks):
         # At most two chunks in flight: memory stays flat however long the index is.
         jax.block_until_ready(best)
-        best = step(*best, queries, vecs, valid, ranks, rows, r_mat)
+        best = step(*best, queries, vecs, valid, ranks, rows, arrays)
         if i % 16 == 0:
             done = min((i + 1) * chunk_rows, len(train))
             rate = done / max(time.time() - t0, 1e-9)
@@ -198,6 +231,7 @@ def score(
     ids = [[train.ids[r] if r >= 0 else '' for r in row] for row in rows]
     result = ScoreResult(list(queries_idx.ids), ids, rows, scores)
     if out_path and jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        if index_lib.is_local(out_path):
+            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         result.to_jsonl(out_path)
     return result

@@ -10,7 +10,6 @@ import sys
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 from tests import pipeline_fixtures as fx  # noqa: E402
-from trackstar_jax import index  # noqa: E402
 
 path, kill_at = sys.argv[1], int(sys.argv[2])
 events = []
@@ -22,12 +21,11 @@ def hook(event, chunk):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-index.build(
+fx.build_index(
     fx.featurizer(),
     fx.train_examples(23),
     path,
     chunk_rows=4,
     batch_size=2,
-    seq_len=fx.SEQ_LEN,
     fault_hook=hook,
 )

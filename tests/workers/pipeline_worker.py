@@ -17,31 +17,27 @@ jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=proc
 import numpy as np  # noqa: E402
 
 from tests import pipeline_fixtures as fx  # noqa: E402
-from trackstar_jax import hessian, index, scoring  # noqa: E402
+from trackstar_jax import pipeline  # noqa: E402
 from trackstar_jax import sharding as shd  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 8
 mesh = shd.make_mesh((('data', 4), ('model', 2)))
 feat = fx.featurizer(mesh)
-train = index.build(
+train = fx.build_index(
     feat,
     fx.train_examples(45),
     os.path.join(root, 'train'),
     chunk_rows=8,
     batch_size=4,
-    seq_len=fx.SEQ_LEN,
 )
-queries = index.build(
-    feat, fx.query_examples(6), os.path.join(root, 'queries'), chunk_rows=4, seq_len=fx.SEQ_LEN
-)
-h = hessian.fit(train.path, queries.path, lam='auto', mesh=mesh, chunk_rows=16)
-res = scoring.score(
-    queries.path,
-    train.path,
-    hessian=h,
-    k=5,
+queries = fx.build_index(feat, fx.query_examples(6), os.path.join(root, 'queries'), chunk_rows=4)
+h = pipeline.fit(train, queries, pipeline.FitConfig(chunk_rows=16), mesh=mesh)
+res = pipeline.score(
+    queries,
+    train,
+    h,
+    pipeline.ScoreConfig(k=5, chunk_rows=16),
     mesh=mesh,
-    chunk_rows=16,
     out_path=os.path.join(root, 'scores.jsonl'),
 )
 if jax.process_index() == 0:
@@ -49,7 +45,7 @@ if jax.process_index() == 0:
         os.path.join(root, 'result.npz'),
         rows=res.rows,
         scores=res.scores,
-        r_inv_sqrt=h.r_inv_sqrt,
-        lam=h.lam,
+        r_inv_sqrt=h.arrays['r_inv_sqrt'],
+        lam=h.info['lam'],
     )
 jax.distributed.shutdown()

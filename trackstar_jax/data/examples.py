@@ -74,3 +74,39 @@ def fact_queries(
     return [
         query_example(str(f['id']), f['prompt'], f['target'], tokenizer, seq_len) for f in facts
     ]
+
+
+def bucket_length(longest: int, max_len: int, minimum: int = 16) -> int:
+    """``longest`` rounded up to a power of two (>= ``minimum``), capped at ``max_len``.
+
+    Batches padded to their longest example rather than to ``max_len`` make short
+    examples cost their length; rounding to powers of two keeps the number of distinct
+    shapes, hence jit compiles, small.
+    """
+    return min(max_len, max(minimum, 1 << (max(longest, 1) - 1).bit_length()))
+
+
+def pad_batch(
+    examples: Sequence[Mapping[str, Any]], num_rows: int, length: int
+) -> dict[str, np.ndarray]:
+    """{'tokens' int32, 'loss_mask' float32} [num_rows, length]; padding rows and tails are 0.
+
+    Raises:
+      ValueError: if an example is longer than ``length``, its mask and tokens differ in
+        length, or there are more examples than rows.
+    """
+    if len(examples) > num_rows:
+        raise ValueError(f'{len(examples)} examples do not fit in {num_rows} rows.')
+    tokens = np.zeros((num_rows, length), np.int32)
+    mask = np.zeros((num_rows, length), np.float32)
+    for i, ex in enumerate(examples):
+        t = np.asarray(ex['tokens'], np.int32)
+        m = np.asarray(ex['loss_mask'], np.float32)
+        if len(t) > length or len(m) != len(t):
+            raise ValueError(
+                f'Example {ex.get("id")!r}: {len(t)} tokens / {len(m)} mask '
+                f'entries; need equal lengths <= {length}.'
+            )
+        tokens[i, : len(t)] = t
+        mask[i, : len(m)] = m
+    return {'tokens': tokens, 'loss_mask': mask}

@@ -1,17 +1,21 @@
 """Fact tracing end to end: the paper's closed-set evaluation (§4-5) at small scale.
 
-For a set of facts (prompt, target, entailing example ids) and a candidate corpus:
+For a set of facts (prompt, target, entailing example ids) and a candidate corpus, the
+evaluation is a loop over :class:`pipeline.Method` rows:
 
-1. featurise candidates and queries once per distinct (correction, output fn) — the
-   indices are cached under ``workdir/indices`` and resume if interrupted;
-2. for every method (a gin-configured :class:`Method`: gradient variants of Table 1 and
-   A.3, BM25, the dense retriever, the entailing "gold" set) retrieve the top-k;
-3. score MRR / Recall@10 against the entailing ids and the tail-patch influence of the
-   top-k, overall and split by whether the model predicts the fact (Table A.7);
-4. sweep the projection dimension for TrackStar (Figure 2). Smaller projections are the
-   top-left k' x k' sub-blocks of each k x k block, rescaled by k/k': the first k' rows
-   of P0 and P1 are themselves a k'-row Gaussian projection (entries N(0, 1/k) scaled
-   to N(0, 1/k')), so no re-featurisation is needed.
+1. gradient methods run the one pipeline — featurize candidates and queries once per
+   distinct (correction, output fn) (indices cached under ``workdir/indices``, keyed by
+   what they depend on, resumable), fit the method's preconditioner (cached per index
+   pair and kind), score; BM25, the dense retriever and the entailing "gold" set
+   retrieve directly;
+2. MRR / Recall@10 against the entailing ids and the tail-patch influence of the top-k,
+   overall and split by whether the model predicts the fact (Table A.7);
+3. the projection dimension is swept for one method (Figure 2). Smaller projections
+   are the top-left k' x k' sub-blocks of each k x k block, rescaled by k/k': the first
+   k' rows of P0 and P1 are themselves a k'-row Gaussian projection (entries N(0, 1/k)
+   scaled to N(0, 1/k')), so no re-featurisation is needed.
+
+Everything is written under ``workdir``: results.json / .md, PNG plots, report.html.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
@@ -29,43 +33,48 @@ import jax
 import numpy as np
 from absl import logging
 
-from trackstar_jax import grads, hessian, index, losses, scoring
+from trackstar_jax import checkpoint, grads, losses, pipeline
+from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import examples as examples_lib
 from trackstar_jax.eval import metrics, report
 from trackstar_jax.eval import tail_patch as tail_patch_lib
 from trackstar_jax.jobs.common import LoadedModel, checkpoint_tokenizer, load_model
+from trackstar_jax.pipeline import FitConfig, Method, ScoreConfig
 
-KINDS = ('gradient', 'bm25', 'dense', 'gold')
+__all__ = ['EvalConfig', 'Method', 'evaluate']
 
 
-@gin.configurable(module='trackstar_jax')
 @dataclasses.dataclass(frozen=True)
-class Method:
-    """One row of the evaluation table.
+class EvalConfig:
+    """What the evaluation samples and measures.
 
     Attributes:
-      name: row label.
-      kind: 'gradient', 'bm25', 'dense' or 'gold' (tail-patch the entailing examples).
-      correction: optimizer correction ('adafactor' or 'none') of gradient methods.
-      output_fn: 'loss', 'margin', 'logit' or 'trak'.
-      hessian: 'none', 'train' (R_train) or 'mixed' (λ R_eval + (1 − λ) R_train).
-      unit_norm: normalise both sides.
+      num_queries: facts to evaluate (None: all with an entailing example in the corpus).
+      num_distractors: non-entailing candidates added (None: the whole corpus).
+      seed: sampling seed of facts and distractors.
+      seq_len: candidate length (tokens, truncated).
+      query_len: query length.
+      k: proponents per query (MRR over them, Recall@k, tail-patch averaged over them).
+      batch_size: kernel batch size.
+      dimension_sweep: block_dims for the Figure 2 sweep (squares < spec.block_dim).
+      sweep_method: the method swept over dimension.
+      html_queries: queries shown in report.html.
+      tail_patch_batch: proponents stepped at once in tail-patch (None: all k).
     """
 
-    name: str = gin.REQUIRED
-    kind: str = 'gradient'
-    correction: str = 'adafactor'
-    output_fn: str = 'loss'
-    hessian: str = 'mixed'
-    unit_norm: bool = True
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f'Method {self.name}: kind must be one of {KINDS}.')
-        if self.hessian not in ('none', 'train', 'mixed'):
-            raise ValueError(f"Method {self.name}: hessian must be 'none', 'train' or 'mixed'.")
+    num_queries: int | None = 120
+    num_distractors: int | None = 2500
+    seed: int = 0
+    seq_len: int = 128
+    query_len: int = 48
+    k: int = 10
+    batch_size: int = 32
+    dimension_sweep: Sequence[int] = (16, 64, 256)
+    sweep_method: str = 'TrackStar'
+    html_queries: int = 40
+    tail_patch_batch: int | None = None
 
 
 def select_facts(
@@ -106,9 +115,8 @@ def predictions(
     loaded: LoadedModel, queries: Sequence[dict], tokenizer, query_len: int
 ) -> tuple[dict[str, bool], dict[str, str], dict[str, float]]:
     """Per query: is every target token the model's argmax, its predicted text, p(target)."""
-    rows = [tail_patch_lib._pad(q, query_len) for q in queries]
-    toks = np.stack([r['tokens'] for r in rows])
-    mask = np.stack([r['loss_mask'] for r in rows])
+    batch = examples_lib.pad_batch(queries, len(queries), query_len)
+    toks, mask = batch['tokens'], batch['loss_mask']
     logits = jax.jit(lambda p, t: loaded.model.apply({'params': p}, t))(loaded.params, toks)
     logits = np.asarray(logits)
     argmax = logits[:, :-1].argmax(-1)
@@ -134,282 +142,295 @@ def sub_block(src_side: int, side: int, num_blocks: int):
     return fn
 
 
-@gin.configurable(denylist=['workdir'])
-def evaluate(
-    *,
-    workdir: str,
-    checkpoint_dir: str = gin.REQUIRED,
-    methods: Sequence[Method] = gin.REQUIRED,
-    spec: grads.GradientSpec = gin.REQUIRED,
-    facts_path: str = corpus_lib.FACTS_PATH,
-    corpus_path: str = corpus_lib.CORPUS_PATH,
-    tokenizer_path: str = corpus_lib.TOKENIZER_PATH,
-    num_queries: int | None = 120,
-    num_distractors: int | None = 2500,
-    seed: int = 0,
-    seq_len: int = 128,
-    query_len: int = 48,
-    k: int = 10,
-    lam: float | str = 'auto',
-    damping: float = 0.01,
-    batch_size: int = 32,
-    dimension_sweep: Sequence[int] = (16, 64, 256),
-    sweep_method: str = 'TrackStar',
-    html_queries: int = 40,
-    tail_patch_batch: int | None = None,
-    results_path: str | None = None,
-    mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
-) -> dict[str, Any]:
-    """Runs the fact-tracing evaluation; returns (and writes) the results.
+@dataclasses.dataclass
+class _Data:
+    """The evaluation's facts, candidates and queries."""
 
-    Args:
-      workdir: outputs: indices/, results JSON/Markdown/PNG, report.html.
-      checkpoint_dir: the model: a ``train_lm`` checkpoint with optimizer state, or an
-        imported one with estimated second moments (``launch/estimate_second_moments.py``).
-      methods: the table's rows.
-      spec: the gradient spec of the full-dimension TrackStar (its correction and
-        output_fn are overridden per method).
-      facts_path: JSONL facts {"id", "prompt", "target", "entailing_ids"}.
-      corpus_path: JSONL corpus {"id", "text"}.
-      tokenizer_path: SentencePiece model of the checkpoint (ignored when the checkpoint
-        carries its own tokenizer, as an imported one does).
-      num_queries: facts to evaluate (None: all usable).
-      num_distractors: non-entailing candidates added (None: the whole corpus).
-      seed: sampling seed.
-      seq_len: candidate length (tokens, truncated).
-      query_len: query length.
-      k: proponents per query (MRR over them, Recall@k, tail-patch averaged over them).
-      lam: λ of the mixed Hessian.
-      damping: relative damping of R.
-      batch_size: kernel batch size.
-      dimension_sweep: block_dims for the Figure 2 sweep (each < spec.block_dim).
-      sweep_method: the method swept over dimension.
-      html_queries: queries shown in report.html.
-      tail_patch_batch: proponents stepped at once in tail-patch (None: all k).
-      results_path: also write the results JSON here (e.g. benchmarks/results/...).
-      mesh_axes: the mesh.
-    """
-    t_start = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    mesh = shd.make_mesh(mesh_axes)
+    facts: list[dict]
+    pool: list[dict]
+    entailing: dict[str, set[str]]
+    candidates: list[dict]
+    queries: list[dict]
+
+
+def _prepare(records, all_facts, tokenizer, config: EvalConfig) -> _Data:
+    facts = select_facts(all_facts, {r['id'] for r in records}, config.num_queries, config.seed)
+    pool = candidate_pool(records, facts, config.num_distractors, config.seed)
+    pool_ids = {r['id'] for r in pool}
+    entailing = {f['id']: {i for i in f['entailing_ids'] if i in pool_ids} for f in facts}
+    return _Data(
+        facts,
+        pool,
+        entailing,
+        examples_lib.corpus_examples(pool, tokenizer, config.seq_len),
+        examples_lib.fact_queries(facts, tokenizer, config.query_len),
+    )
+
+
+def _content_tag(spec: grads.GradientSpec, config: EvalConfig, data: _Data) -> str:
+    """A hash of everything the gradient indices depend on besides the model."""
+    h = hashlib.sha256(json.dumps([spec.to_dict(), config.seq_len, config.query_len]).encode())
+    for ex in (*data.candidates, *data.queries):
+        h.update(ex['id'].encode())
+        h.update(np.asarray(ex['tokens'], np.int32).tobytes())
+        h.update(np.asarray(ex['loss_mask'], np.float32).tobytes())
+    return h.hexdigest()[:8]
+
+
+def _gradient_indices(loaded, spec, data, config, mesh, root):
+    """get(correction, output_fn) -> (train, queries) indices, built once each."""
+    cache: dict[tuple[str, str], tuple[index_lib.Index, index_lib.Index]] = {}
+    tag = _content_tag(spec, config, data)
+    extra = {'checkpoint_dir': os.path.abspath(loaded.checkpoint_dir)}
+
+    def get(correction: str, output_fn: str):
+        if (correction, output_fn) not in cache:
+            s = dataclasses.replace(spec, correction=correction, output_fn=output_fn)
+            feat = grads.Featurizer(
+                loaded.model, loaded.params, s, opt_state=loaded.opt_state, mesh=mesh
+            )
+            base = os.path.join(root, f'{correction}_{output_fn}_{tag}')
+            built = []
+            for name, examples, length in (
+                ('train', data.candidates, config.seq_len),
+                ('queries', data.queries, config.query_len),
+            ):
+                cfg = pipeline.IndexConfig(
+                    seq_len=length, batch_size=config.batch_size, chunk_rows=config.batch_size * 8
+                )
+                built.append(
+                    pipeline.featurize(
+                        feat, examples, os.path.join(base, name), cfg, manifest_extra=extra
+                    )
+                )
+            cache[(correction, output_fn)] = tuple(built)
+        return cache[(correction, output_fn)]
+
+    return get
+
+
+def sweep_indices(train, queries, block_dim: int, root: str):
+    """The train/query indices of a smaller projection (side x side sub-blocks)."""
+    nb = len(train.manifest['layout']['block_names'])
+    src_side = int(round(train.manifest['layout']['block_dim'] ** 0.5))
+    side = int(round(block_dim**0.5))
+    if side * side != block_dim or side >= src_side:
+        raise ValueError(
+            f'dimension_sweep entry {block_dim} must be a square < {src_side * src_side}.'
+        )
+    upd = {
+        'spec': {**train.manifest['spec'], 'block_dim': block_dim},
+        'layout': {**train.manifest['layout'], 'block_dim': block_dim},
+    }
+    fn = sub_block(src_side, side, nb)
+    return (
+        index_lib.derive(train, os.path.join(root, 'train'), fn, upd),
+        index_lib.derive(queries, os.path.join(root, 'queries'), fn, upd),
+        nb * block_dim,
+    )
+
+
+def _baseline_ranking(m: Method, data: _Data, k: int) -> dict[str, list[str]]:
+    if m.kind == 'gold':
+        return {f['id']: sorted(data.entailing[f['id']])[:k] for f in data.facts}
+    from trackstar_jax.eval import baselines
+
+    fn = baselines.bm25_top_k if m.kind == 'bm25' else baselines.dense_top_k
+    query_texts = [f['prompt'] + f['target'] for f in data.facts]
+    ids, _ = fn([r['id'] for r in data.pool], [r['text'] for r in data.pool], query_texts, k)
+    return dict(zip([f['id'] for f in data.facts], ids, strict=True))
+
+
+def _metrics_row(ranking, entailing, deltas, qids, k) -> dict[str, Any] | None:
+    if not qids:
+        return None
+    ranked = [ranking[q] for q in qids]
+    ent = [entailing[q] for q in qids]
+    tp = [np.mean([deltas[(q, p)] for p in ranking[q][:k]]) for q in qids if ranking[q]]
+    return {
+        'mrr': metrics.mrr(ranked, ent),
+        'recall@10': metrics.recall_at_k(ranked, ent, 10),
+        'tail_patch': float(np.mean(tp)) if tp else float('nan'),
+        'queries': len(qids),
+    }
+
+
+def _load(checkpoint_dir: str, mesh, train_if_missing: bool) -> LoadedModel:
+    if checkpoint.latest_step(checkpoint_dir) is None:
+        if not train_if_missing:
+            raise FileNotFoundError(f'No checkpoint in {checkpoint_dir}.')
+        from trackstar_jax.jobs import train_lm
+
+        logging.info('No checkpoint in %s: training the model first.', checkpoint_dir)
+        train_lm.train_lm(workdir=os.path.dirname(os.path.abspath(checkpoint_dir)))
     loaded = load_model(checkpoint_dir, mesh)
     if loaded.opt_state is None:
         raise ValueError(
             f'{checkpoint_dir} has no optimizer state: run launch/estimate_second_moments.py '
             'first (tail-patch and the adafactor correction need V).'
         )
+    return loaded
+
+
+@gin.configurable(denylist=['workdir'])
+def evaluate(
+    *,
+    workdir: str,
+    checkpoint_dir: str | None = None,
+    methods: Sequence[Method] = gin.REQUIRED,
+    spec: grads.GradientSpec = gin.REQUIRED,
+    facts_path: str = corpus_lib.FACTS_PATH,
+    corpus_path: str = corpus_lib.CORPUS_PATH,
+    tokenizer_path: str = corpus_lib.TOKENIZER_PATH,
+    config: EvalConfig = EvalConfig(),
+    fit: FitConfig = FitConfig(),
+    train_if_missing: bool = False,
+    mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
+) -> dict[str, Any]:
+    """Runs the fact-tracing evaluation; writes its outputs under ``workdir`` and returns them.
+
+    Args:
+      workdir: outputs: indices/, preconditioners/, results.json / .md, PNGs, report.html.
+      checkpoint_dir: the model: a ``train_lm`` checkpoint with optimizer state, or an
+        imported one with estimated second moments (``launch/estimate_second_moments.py``);
+        None: ``workdir/checkpoints``.
+      methods: the table's rows.
+      spec: the gradient spec of the full-dimension features (each method overrides its
+        correction and output_fn).
+      facts_path: JSONL facts {"id", "prompt", "target", "entailing_ids"}.
+      corpus_path: JSONL corpus {"id", "text"}.
+      tokenizer_path: SentencePiece model of the checkpoint (ignored when the checkpoint
+        carries its own tokenizer, as an imported one does).
+      config: sampling and measurement settings.
+      fit: λ, damping and the rest of the preconditioner fit (each method sets its kind).
+      train_if_missing: train the model with the gin-configured ``train_lm`` first when
+        ``checkpoint_dir`` holds no checkpoint (the embedded default).
+      mesh_axes: the mesh.
+    """
+    t_start = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    mesh = shd.make_mesh(mesh_axes)
+    checkpoint_dir = checkpoint_dir or os.path.join(workdir, 'checkpoints')
+    loaded = _load(checkpoint_dir, mesh, train_if_missing)
     tokenizer = checkpoint_tokenizer(loaded, tokenizer_path)
-    records = corpus_lib.load_corpus(corpus_path)
-    all_facts = corpus_lib.load_facts(facts_path)
-    facts = select_facts(all_facts, {r['id'] for r in records}, num_queries, seed)
-    pool = candidate_pool(records, facts, num_distractors, seed)
-    pool_ids = {r['id'] for r in pool}
-    entailing = {f['id']: {i for i in f['entailing_ids'] if i in pool_ids} for f in facts}
-    candidates = examples_lib.corpus_examples(pool, tokenizer, seq_len)
-    queries = examples_lib.fact_queries(facts, tokenizer, query_len)
+    data = _prepare(
+        corpus_lib.load_corpus(corpus_path), corpus_lib.load_facts(facts_path), tokenizer, config
+    )
+    k = config.k
     logging.info(
         'Evaluation: %d queries, %d candidates (%d entailing).',
-        len(queries),
-        len(candidates),
-        len(set().union(*entailing.values())),
+        len(data.queries),
+        len(data.candidates),
+        len(set().union(*data.entailing.values())),
     )
-    correct, predicted, p_target = predictions(loaded, queries, tokenizer, query_len)
+    correct, predicted, p_target = predictions(loaded, data.queries, tokenizer, config.query_len)
+    indices = _gradient_indices(loaded, spec, data, config, mesh, os.path.join(workdir, 'indices'))
+    score_config = ScoreConfig(k=k)
+    fitted: dict = {}
 
-    def featurizer(correction, output_fn):
-        s = dataclasses.replace(spec, correction=correction, output_fn=output_fn)
-        return grads.Featurizer(
-            loaded.model, loaded.params, s, opt_state=loaded.opt_state, mesh=mesh
+    def gradient_ranking(m: Method, train, queries):
+        res, pre = pipeline.run_method(
+            m, train, queries, fit, score_config, mesh=mesh, fitted=fitted
         )
-
-    indices: dict[tuple, tuple[index.Index, index.Index]] = {}
-
-    def get_indices(correction, output_fn):
-        key = (correction, output_fn)
-        if key not in indices:
-            feat = featurizer(correction, output_fn)
-            # The directory names what the vectors depend on, so a changed candidate set
-            # or spec never meets a stale index.
-            tag = hashlib.sha256(
-                json.dumps(
-                    [
-                        spec.to_dict(),
-                        seq_len,
-                        query_len,
-                        [c['id'] for c in candidates],
-                        [q['id'] for q in queries],
-                    ]
-                ).encode()
-            ).hexdigest()[:8]
-            root = os.path.join(workdir, 'indices', f'{correction}_{output_fn}_{tag}')
-            extra = {'checkpoint_dir': os.path.abspath(checkpoint_dir)}
-            train = index.build(
-                feat,
-                candidates,
-                os.path.join(root, 'train'),
-                batch_size=batch_size,
-                chunk_rows=batch_size * 8,
-                seq_len=seq_len,
-                manifest_extra=extra,
-            )
-            qi = index.build(
-                feat,
-                queries,
-                os.path.join(root, 'queries'),
-                batch_size=batch_size,
-                chunk_rows=batch_size * 8,
-                seq_len=query_len,
-                manifest_extra=extra,
-            )
-            indices[key] = (train, qi)
-        return indices[key]
-
-    def gradient_ranking(train, qi, method):
-        h = None
-        if method.hessian != 'none':
-            h = hessian.fit(
-                train.path,
-                qi.path if method.hessian == 'mixed' else None,
-                lam=lam if method.hessian == 'mixed' else 0.0,
-                damping=damping,
-                mesh=mesh,
-            )
-        res = scoring.score(
-            qi.path, train.path, hessian=h, k=k, unit_norm=method.unit_norm, mesh=mesh
-        )
-        ranked = dict(zip(res.query_ids, res.ids, strict=True))
-        return ranked, ({'lam': h.lam, 'k_component': h.k_component} if h else {}), h
+        info = {key: pre.info[key] for key in ('lam', 'k_component') if key in pre.info}
+        return dict(zip(res.query_ids, res.ids, strict=True)), info, pre
 
     rankings: dict[str, dict[str, list[str]]] = {}
     info: dict[str, dict] = {}
-    texts = {r['id']: r['text'] for r in pool}
-    query_texts = [f['prompt'] + f['target'] for f in facts]
     for m in methods:
         t0 = time.time()
         if m.kind == 'gradient':
-            train, qi = get_indices(m.correction, m.output_fn)
-            rankings[m.name], info[m.name], h = gradient_ranking(train, qi, m)
-            if h is not None and m.hessian == 'mixed':
-                h.save(os.path.join(workdir, f'hessian_{m.name}'))
-        elif m.kind in ('bm25', 'dense'):
-            from trackstar_jax.eval import baselines
-
-            fn = baselines.bm25_top_k if m.kind == 'bm25' else baselines.dense_top_k
-            ids, _ = fn([r['id'] for r in pool], [r['text'] for r in pool], query_texts, k)
-            rankings[m.name] = dict(zip([f['id'] for f in facts], ids, strict=True))
+            rankings[m.name], info[m.name], pre = gradient_ranking(
+                m, *indices(m.correction, m.output_fn)
+            )
+            if pre.kind != 'none' and jax.process_index() == 0:
+                pre.save(os.path.join(workdir, 'preconditioners', _slug(m.name)))
         else:
-            rankings[m.name] = {f['id']: sorted(entailing[f['id']])[:k] for f in facts}
+            rankings[m.name] = _baseline_ranking(m, data, k)
         info.setdefault(m.name, {})['seconds'] = time.time() - t0
         logging.info('Method %s ranked in %.1fs.', m.name, time.time() - t0)
 
     # Dimension sweep of one method (Figure 2), from sub-blocks of its full index.
     sweep_rows = []
-    base = next((m for m in methods if m.name == sweep_method), None)
-    if base is not None and base.kind == 'gradient':
-        train, qi = get_indices(base.correction, base.output_fn)
-        nb, side = len(spec_blocks(train)), int(round(spec.block_dim**0.5))
-        for block_dim in dimension_sweep:
-            s = int(round(block_dim**0.5))
-            if s * s != block_dim or s >= side:
-                raise ValueError(
-                    f'dimension_sweep entry {block_dim} must be a square < {spec.block_dim}.'
-                )
-            upd = {
-                'spec': {**train.manifest['spec'], 'block_dim': block_dim},
-                'layout': {**train.manifest['layout'], 'block_dim': block_dim},
-            }
+    base = next((m for m in methods if m.name == config.sweep_method), None)
+    if base is not None and base.kind == 'gradient' and config.dimension_sweep:
+        train, queries = indices(base.correction, base.output_fn)
+        for block_dim in config.dimension_sweep:
             root = os.path.join(os.path.dirname(train.path), f'sub_{block_dim}')
-            fn = sub_block(side, s, nb)
-            t_sub = index.derive(train, os.path.join(root, 'train'), fn, upd)
-            q_sub = index.derive(qi, os.path.join(root, 'queries'), fn, upd)
-            name = f'{sweep_method}@D={nb * block_dim}'
-            rankings[name], info[name], _ = gradient_ranking(t_sub, q_sub, base)
-            sweep_rows.append((name, nb * block_dim))
-        sweep_rows.append((sweep_method, nb * spec.block_dim))
+            t_sub, q_sub, dim = sweep_indices(train, queries, block_dim, root)
+            name = f'{base.name}@D={dim}'
+            rankings[name], info[name], _ = gradient_ranking(base, t_sub, q_sub)
+            sweep_rows.append((name, dim))
+        sweep_rows.append((base.name, train.dim))
 
     # Tail-patch every (query, proponent) pair any method retrieved, once.
     t0 = time.time()
     pairs = sorted(
         {(q, p) for ranked in rankings.values() for q, ps in ranked.items() for p in ps[:k]}
     )
-    fn = tail_patch_lib.make_tail_patch(loaded.model, loaded.train_config, tail_patch_batch)
+    fn = tail_patch_lib.make_tail_patch(loaded.model, loaded.train_config, config.tail_patch_batch)
     deltas = tail_patch_lib.tail_patch_scores(
         fn,
         loaded.params,
         loaded.opt_state,
         pairs,
-        {q['id']: q for q in queries},
-        {c['id']: c for c in candidates},
+        {q['id']: q for q in data.queries},
+        {c['id']: c for c in data.candidates},
         k,
-        seq_len,
-        query_len,
+        config.seq_len,
+        config.query_len,
     )
     logging.info('Tail-patch: %d steps in %.1fs.', len(pairs), time.time() - t0)
 
-    def row(name, subset):
-        qids = [f['id'] for f in facts if f['id'] in subset]
-        if not qids:
-            return None
-        ranked = [rankings[name][q] for q in qids]
-        ent = [entailing[q] for q in qids]
-        tp = [
-            np.mean([deltas[(q, p)] for p in rankings[name][q][:k]])
-            for q in qids
-            if rankings[name][q]
-        ]
-        return {
-            'mrr': metrics.mrr(ranked, ent),
-            'recall@10': metrics.recall_at_k(ranked, ent, 10),
-            'tail_patch': float(np.mean(tp)) if tp else float('nan'),
-            'queries': len(qids),
-        }
-
-    all_q = {f['id'] for f in facts}
-    right = {q for q in all_q if correct[q]}
+    all_q = [f['id'] for f in data.facts]
+    right = [q for q in all_q if correct[q]]
+    wrong = [q for q in all_q if not correct[q]]
     table = {
         name: {
-            'all': row(name, all_q),
-            'correct': row(name, right),
-            'incorrect': row(name, all_q - right),
-            **info.get(name, {}),
+            split: _metrics_row(rankings[name], data.entailing, deltas, qids, k)
+            for split, qids in (('all', all_q), ('correct', right), ('incorrect', wrong))
         }
+        | info.get(name, {})
         for name in rankings
     }
     results = {
         'command': None,
         'checkpoint_dir': os.path.abspath(checkpoint_dir),
         'checkpoint_step': loaded.step,
-        'num_queries': len(facts),
-        'num_candidates': len(pool),
+        'num_queries': len(data.facts),
+        'num_candidates': len(data.pool),
         'num_correct': len(right),
         'k': k,
         'spec': spec.to_dict(),
-        'damping': damping,
+        'config': _jsonable(dataclasses.asdict(config)),
+        'fit': _jsonable(dataclasses.asdict(fit)),
+        'damping': fit.damping,
         'methods': {m.name: dataclasses.asdict(m) for m in methods},
         'table': table,
         'dimension_sweep': [{'method': n, 'dim': d, **table[n]['all']} for n, d in sweep_rows],
         'seconds': time.time() - t_start,
     }
-    report.write_all(
-        workdir,
-        results,
-        facts,
-        rankings,
-        deltas,
-        entailing,
-        predicted,
-        correct,
-        p_target,
-        texts,
-        html_queries,
-        k,
-    )
-    if results_path and jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-        with open(results_path, 'w') as f:
-            json.dump(results, f, indent=1)
+    if jax.process_index() == 0:
+        report.write_all(
+            workdir,
+            results,
+            data.facts,
+            rankings,
+            deltas,
+            data.entailing,
+            predicted,
+            correct,
+            p_target,
+            {r['id']: r['text'] for r in data.pool},
+            config.html_queries,
+            k,
+        )
     return results
 
 
-def spec_blocks(idx: index.Index) -> list[str]:
-    """Block names of an index."""
-    return list(idx.manifest['layout']['block_names'])
+def _slug(name: str) -> str:
+    return ''.join(c if c.isalnum() else '_' for c in name).strip('_').lower()
+
+
+def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=list))

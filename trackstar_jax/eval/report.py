@@ -43,16 +43,17 @@ def markdown_table(results: dict[str, Any]) -> str:
 def plots(results: dict[str, Any], directory: str) -> list[str]:
     """metrics_by_method.png and dimension_sweep.png (needs matplotlib, the eval extra)."""
     try:
-        import matplotlib
-
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         logging.warning('matplotlib missing (pip install trackstar_jax[eval]): no plots.')
         return []
     out = []
     names = [n for n in results['table'] if '@D=' not in n]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    # Figure + the Agg canvas directly: no pyplot state, no global backend switch.
+    fig = Figure(figsize=(15, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     for ax, (key, label, scale) in zip(
         axes,
         [('mrr', 'MRR', 1), ('recall@10', 'Recall@10', 1), ('tail_patch', 'Tail-patch (pp)', 100)],
@@ -69,11 +70,12 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
     fig.tight_layout()
     path = os.path.join(directory, 'metrics_by_method.png')
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     out.append(path)
     sweep = results.get('dimension_sweep') or []
     if sweep:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig = Figure(figsize=(10, 4))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 2)
         dims = [r['dim'] for r in sweep]
         axes[0].semilogx(dims, [r['mrr'] for r in sweep], 'o-', base=2)
         axes[0].set_title('MRR vs projection dimension D')
@@ -84,7 +86,6 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
         fig.tight_layout()
         path = os.path.join(directory, 'dimension_sweep.png')
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         out.append(path)
     return out
 

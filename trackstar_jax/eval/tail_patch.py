@@ -21,6 +21,7 @@ import optax
 from absl import logging
 
 from trackstar_jax import losses, train
+from trackstar_jax.data import examples as examples_lib
 
 
 def make_tail_patch(
@@ -95,17 +96,16 @@ def tail_patch_scores(
     out = {}
     t0, total = time.time(), sum(len(v) for v in by_query.values())
     for i, (q, props) in enumerate(sorted(by_query.items())):
-        query = _pad(queries[q], query_len)
+        query = {k: v[0] for k, v in examples_lib.pad_batch([queries[q]], 1, query_len).items()}
         props = sorted(props, key=lambda p: (len(examples[p]['tokens']), p))
         for s in range(0, len(props), k):
             group = props[s : s + k]
             # Pad to the group's longest proponent (a power of two, so few shapes
             # compile): glosses cost their length, not seq_len.
             longest = max(len(examples[p]['tokens']) for p in group)
-            length = min(seq_len, max(16, 1 << (longest - 1).bit_length()))
-            rows = [_pad(examples[p], length) for p in group]
-            rows += [rows[0]] * (k - len(rows))
-            batch = {key: np.stack([r[key] for r in rows]) for key in ('tokens', 'loss_mask')}
+            length = examples_lib.bucket_length(longest, seq_len)
+            rows = [examples[p] for p in group]
+            batch = examples_lib.pad_batch(rows + [rows[0]] * (k - len(rows)), k, length)
             deltas = np.asarray(fn(params, opt_state, batch, query))
             for p, d in zip(group, deltas, strict=False):
                 out[(q, p)] = float(d)
@@ -121,13 +121,3 @@ def tail_patch_scores(
                 (total - len(out)) / max(rate, 1e-9),
             )
     return out
-
-
-def _pad(example: dict, length: int) -> dict[str, np.ndarray]:
-    t = np.asarray(example['tokens'], np.int32)[:length]
-    m = np.asarray(example['loss_mask'], np.float32)[:length]
-    tokens = np.zeros(length, np.int32)
-    mask = np.zeros(length, np.float32)
-    tokens[: len(t)] = t
-    mask[: len(m)] = m
-    return {'tokens': tokens, 'loss_mask': mask}

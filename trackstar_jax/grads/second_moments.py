@@ -31,6 +31,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from trackstar_jax import losses
+from trackstar_jax.data import examples as examples_lib
 from trackstar_jax.grads.correction import factored_axes
 
 
@@ -88,7 +89,7 @@ def estimate_second_moments(
         order = np.argsort(lengths, kind='stable')
         for s in range(0, len(toks), chunk_size):
             rows = order[s : s + chunk_size]
-            cut = min(toks.shape[1], max(16, 1 << int(lengths[rows].max() - 1).bit_length()))
+            cut = examples_lib.bucket_length(int(lengths[rows].max()), toks.shape[1])
             part = sum_sq(params, toks[rows, :cut], mask[rows, :cut])
             total = part if total is None else jax.tree.map(jnp.add, total, part)
             count += len(rows)

@@ -1,9 +1,12 @@
-"""The attribution jobs: index, query, fit, score. Keyword-only, gin-configurable.
+"""The attribution jobs: index, query, fit, score (and estimating V). Gin-configurable.
 
-Each is also run by a thin absl main in ``launch/`` (index.py, query.py,
-fit_hessian.py, score.py). Outputs go under one ``workdir``::
+Each is a keyword-only function over typed configs, run by a thin absl main in
+``launch/`` (index.py, query.py, fit.py, score.py) and callable from Python. Each
+returns the URL of what it wrote. Relative names are taken under ``workdir``::
 
-    workdir/train_index   workdir/query_index   workdir/hessian   workdir/scores.jsonl
+    workdir/train_index   workdir/query_index   workdir/preconditioner   workdir/scores.jsonl
+
+All of them run the one pipeline (:mod:`trackstar_jax.pipeline`).
 """
 
 from __future__ import annotations
@@ -18,30 +21,51 @@ import jax
 import numpy as np
 from absl import logging
 
-from trackstar_jax import grads, hessian, index, scoring, train
+from trackstar_jax import grads, pipeline, preconditioners, train
+from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import examples as examples_lib
 from trackstar_jax.grads import second_moments
 from trackstar_jax.jobs.common import checkpoint_tokenizer, load_model
 
-GradientSpec = gin.external_configurable(grads.GradientSpec, module='trackstar_jax')
+MeshAxes = Sequence[tuple[str, int]]
+DEFAULT_MESH: MeshAxes = ((shd.DATA, -1), (shd.MODEL, 1))
 
 
-def _featurizer(
+def resolve(workdir: str, name: str) -> str:
+    """``name`` if it is a URL or an absolute path, else ``workdir/name``."""
+    if '://' in name or os.path.isabs(name):
+        return name
+    return index_lib.join(workdir, name)
+
+
+def _index_examples(
+    workdir: str,
     checkpoint_dir: str,
     spec: grads.GradientSpec,
-    mesh_axes: Sequence[tuple[str, int]],
+    make_examples: Any,
+    config: pipeline.IndexConfig,
+    mesh_axes: MeshAxes,
     tokenizer_path: str,
-) -> tuple[grads.Featurizer, dict, Any]:
-    """(featurizer, manifest extras, tokenizer) of a checkpoint."""
+    output: str,
+    source: str,
+) -> str:
+    """Loads the checkpoint, builds its examples, featurizes them into ``output``."""
     mesh = shd.make_mesh(mesh_axes)
     loaded = load_model(checkpoint_dir, mesh)
-    feat = grads.Featurizer(
+    featurizer = grads.Featurizer(
         loaded.model, loaded.params, spec, opt_state=loaded.opt_state, mesh=mesh
     )
-    extra = {'checkpoint_dir': os.path.abspath(checkpoint_dir), 'checkpoint_step': loaded.step}
-    return feat, extra, checkpoint_tokenizer(loaded, tokenizer_path)
+    examples = make_examples(checkpoint_tokenizer(loaded, tokenizer_path))
+    url = resolve(workdir, output)
+    logging.info('Indexing %d examples from %s into %s.', len(examples), source, url)
+    extra = {
+        'checkpoint_dir': os.path.abspath(checkpoint_dir),
+        'checkpoint_step': loaded.step,
+        'source': os.path.abspath(source),
+    }
+    return pipeline.featurize(featurizer, examples, url, config, manifest_extra=extra).path
 
 
 @gin.configurable(denylist=['workdir'])
@@ -54,27 +78,18 @@ def index_corpus(
     tokenizer_path: str = corpus_lib.TOKENIZER_PATH,
     sources: Sequence[str] | None = None,
     max_examples: int | None = None,
-    seq_len: int = 128,
-    batch_size: int = 32,
-    chunk_rows: int = 256,
-    dtype: str = 'float32',
-    mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
-    output_name: str = 'train_index',
-) -> index.Index:
-    """Featurises corpus passages into ``workdir/<output_name>`` (resumable)."""
-    feat, extra, tokenizer = _featurizer(checkpoint_dir, spec, mesh_axes, tokenizer_path)
-    records = corpus_lib.load_corpus(corpus_path, sources=sources, limit=max_examples)
-    examples = examples_lib.corpus_examples(records, tokenizer, seq_len)
-    logging.info('Indexing %d passages from %s.', len(examples), corpus_path)
-    return index.build(
-        feat,
-        examples,
-        os.path.join(workdir, output_name),
-        dtype=dtype,
-        chunk_rows=chunk_rows,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        manifest_extra={**extra, 'source': os.path.abspath(corpus_path)},
+    config: pipeline.IndexConfig = pipeline.IndexConfig(),
+    mesh_axes: MeshAxes = DEFAULT_MESH,
+    output: str = 'train_index',
+) -> str:
+    """Featurizes corpus passages (every token a target) into ``output`` (resumable)."""
+
+    def make(tokenizer):
+        records = corpus_lib.load_corpus(corpus_path, sources=sources, limit=max_examples)
+        return examples_lib.corpus_examples(records, tokenizer, config.seq_len)
+
+    return _index_examples(
+        workdir, checkpoint_dir, spec, make, config, mesh_axes, tokenizer_path, output, corpus_path
     )
 
 
@@ -87,27 +102,18 @@ def index_queries(
     facts_path: str = corpus_lib.FACTS_PATH,
     tokenizer_path: str = corpus_lib.TOKENIZER_PATH,
     max_queries: int | None = None,
-    seq_len: int = 64,
-    batch_size: int = 32,
-    chunk_rows: int = 256,
-    dtype: str = 'float32',
-    mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
-    output_name: str = 'query_index',
-) -> index.Index:
-    """Featurises fact queries (completion-only masks) into ``workdir/<output_name>``."""
-    feat, extra, tokenizer = _featurizer(checkpoint_dir, spec, mesh_axes, tokenizer_path)
-    facts = corpus_lib.load_facts(facts_path)[:max_queries]
-    queries = examples_lib.fact_queries(facts, tokenizer, seq_len)
-    logging.info('Indexing %d queries from %s.', len(queries), facts_path)
-    return index.build(
-        feat,
-        queries,
-        os.path.join(workdir, output_name),
-        dtype=dtype,
-        chunk_rows=chunk_rows,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        manifest_extra={**extra, 'source': os.path.abspath(facts_path)},
+    config: pipeline.IndexConfig = pipeline.IndexConfig(seq_len=64),
+    mesh_axes: MeshAxes = DEFAULT_MESH,
+    output: str = 'query_index',
+) -> str:
+    """Featurizes fact queries (completion-only masks) into ``output`` (resumable)."""
+
+    def make(tokenizer):
+        facts = corpus_lib.load_facts(facts_path)[:max_queries]
+        return examples_lib.fact_queries(facts, tokenizer, config.seq_len)
+
+    return _index_examples(
+        workdir, checkpoint_dir, spec, make, config, mesh_axes, tokenizer_path, output, facts_path
     )
 
 
@@ -125,7 +131,7 @@ def estimate_moments(
     factored: bool = True,
     min_dim_size_to_factor: int = 128,
     tail_patch_learning_rate: float = 1e-4,
-    mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
+    mesh_axes: MeshAxes = DEFAULT_MESH,
 ) -> dict[str, Any]:
     """Estimates V for a checkpoint without optimizer state; saves it beside the checkpoint.
 
@@ -163,17 +169,14 @@ def estimate_moments(
     records = corpus_lib.load_corpus(corpus_path)
     pick = np.sort(np.random.default_rng(seed).permutation(len(records))[:num_examples])
     examples = examples_lib.corpus_examples([records[i] for i in pick], tokenizer, seq_len)
-    tokens = np.full((len(examples), seq_len), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(examples), seq_len), np.float32)
-    for i, ex in enumerate(examples):
-        tokens[i, : len(ex['tokens'])] = ex['tokens']
-        mask[i, : len(ex['loss_mask'])] = ex['loss_mask']
+    batch = examples_lib.pad_batch(examples, len(examples), seq_len)
+    mask = batch['loss_mask']
     logging.info('Estimating V from %d passages (%d target tokens).', len(pick), int(mask.sum()))
     start = time.time()
     moments = grads.estimate_second_moments(
         loaded.model,
         loaded.params,
-        [{'tokens': tokens, 'loss_mask': mask}],
+        [batch],
         factored=factored,
         min_dim_size_to_factor=min_dim_size_to_factor,
         chunk_size=chunk_size,
@@ -203,53 +206,49 @@ def estimate_moments(
     return meta
 
 
-@gin.configurable(denylist=['workdir'])
-def fit_hessian(
+@gin.configurable('fit_preconditioner', denylist=['workdir'])
+def fit(
     *,
     workdir: str,
-    lam: float | str = 'auto',
-    top_k_components: int = 1000,
-    damping: float = 0.01,
-    use_queries: bool = True,
-    chunk_rows: int = 1024,
-    mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
-    output_name: str = 'hessian',
-) -> hessian.Hessian:
-    """Fits R^-1/2 from ``workdir/train_index`` (and ``query_index``) into ``hessian/``."""
-    h = hessian.fit(
-        os.path.join(workdir, 'train_index'),
-        os.path.join(workdir, 'query_index') if use_queries else None,
-        lam=lam,
-        top_k_components=top_k_components,
-        damping=damping,
-        mesh=shd.make_mesh(mesh_axes),
-        chunk_rows=chunk_rows,
-    )
-    h.save(os.path.join(workdir, output_name))
-    return h
+    config: preconditioners.FitConfig = preconditioners.FitConfig(),
+    train_index: str = 'train_index',
+    query_index: str | None = 'query_index',
+    mesh_axes: MeshAxes = DEFAULT_MESH,
+    output: str = 'preconditioner',
+) -> str:
+    """Fits ``config.preconditioner`` from the indices into ``output`` (+ a plot)."""
+    kind = preconditioners.get(config.preconditioner)
+    queries = resolve(workdir, query_index) if query_index and kind.uses_queries else None
+    m = pipeline.fit(resolve(workdir, train_index), queries, config, mesh=shd.make_mesh(mesh_axes))
+    url = resolve(workdir, output)
+    if jax.process_index() == 0:
+        m.save(url)
+        preconditioners.plot_eigenvalues(m, index_lib.join(url, 'eigenvalues.png'))
+    return url
 
 
-@gin.configurable(denylist=['workdir'])
-def score_queries(
+@gin.configurable('score_queries', denylist=['workdir'])
+def score(
     *,
     workdir: str,
-    k: int = 10,
-    use_hessian: bool = True,
-    unit_norm: bool = True,
-    chunk_rows: int = 4096,
-    mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
-    hessian_name: str = 'hessian',
-    output_name: str = 'scores.jsonl',
-) -> scoring.ScoreResult:
-    """Exact top-k proponents of every query into ``workdir/scores.jsonl``."""
-    h = hessian.load(os.path.join(workdir, hessian_name)) if use_hessian else None
-    return scoring.score(
-        os.path.join(workdir, 'query_index'),
-        os.path.join(workdir, 'train_index'),
-        hessian=h,
-        k=k,
-        unit_norm=unit_norm,
-        chunk_rows=chunk_rows,
+    config: pipeline.ScoreConfig = pipeline.ScoreConfig(),
+    query_index: str = 'query_index',
+    train_index: str = 'train_index',
+    preconditioner: str | None = 'preconditioner',
+    mesh_axes: MeshAxes = DEFAULT_MESH,
+    output: str = 'scores.jsonl',
+) -> str:
+    """Exact top-k proponents of every query into ``output`` (JSONL).
+
+    ``preconditioner`` names a saved one (from the fit job), or None for the identity.
+    """
+    url = resolve(workdir, output)
+    pipeline.score(
+        resolve(workdir, query_index),
+        resolve(workdir, train_index),
+        resolve(workdir, preconditioner) if preconditioner else None,
+        config,
         mesh=shd.make_mesh(mesh_axes),
-        out_path=os.path.join(workdir, output_name),
+        out_path=url,
     )
+    return url

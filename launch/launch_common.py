@@ -1,4 +1,8 @@
-"""The shared absl main of every launch/ script: flags, gin, distributed start-up."""
+"""The shared absl main of every launch/ script: flags, gin, distributed start-up.
+
+Flags live here, in ``launch/``, and are read only in :func:`run`'s main; the library
+never defines or reads a flag.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ from typing import Any
 
 from absl import app, flags
 
-from trackstar_jax import gin_utils
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _GIN_FILES = flags.DEFINE_multi_string(
     'gin_file', None, 'gin files (searched also under gin_configs/).'
 )
 _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'gin bindings.')
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Job directory.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Job directory: every output goes here.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator', None, 'host:port of process 0 for jax.distributed (pods).'
 )
@@ -23,30 +27,38 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'jax.distributed pr
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
 _JAX_CACHE = flags.DEFINE_string(
     'jax_cache_dir',
-    os.path.join('runs', '.jax_cache'),
-    'Persistent XLA compilation cache ("" disables): re-runs skip compilation.',
+    None,
+    'Persistent XLA compilation cache (default <workdir>/.jax_cache; "" disables): '
+    're-runs skip compilation.',
 )
 
 
 def run(job: Callable[..., Any], default_gin: str, config_name: str) -> None:
     """Runs ``job(workdir=...)`` under absl with gin configured from the flags.
 
-    Process 0 writes the operative gin config to ``workdir/<config_name>``.
+    Process 0 writes the parsed gin config to ``workdir/<config_name>`` before the job
+    starts, and the operative one (what the job used) when it ends.
     """
 
     def main(argv):
         del argv
-        if _JAX_CACHE.value:
-            import jax
+        import jax
 
-            jax.config.update('jax_compilation_cache_dir', os.path.abspath(_JAX_CACHE.value))
+        from trackstar_jax import gin_utils
+
+        cache = _JAX_CACHE.value
+        if cache is None:
+            cache = os.path.join(_WORKDIR.value, '.jax_cache')
+        if cache:
+            jax.config.update('jax_compilation_cache_dir', os.path.abspath(cache))
         if _COORDINATOR.value or os.environ.get('TRACKSTAR_AUTO_DISTRIBUTED'):
-            import jax
-
             jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         gin_utils.parse(_GIN_FILES.value or [default_gin], _GIN_BINDINGS.value)
         os.makedirs(_WORKDIR.value, exist_ok=True)
-        job(workdir=_WORKDIR.value)
-        gin_utils.write_operative_config(_WORKDIR.value, config_name)
+        gin_utils.write_config(_WORKDIR.value, config_name)
+        result = job(workdir=_WORKDIR.value)
+        gin_utils.write_config(_WORKDIR.value, config_name, operative=True)
+        if result is not None and not isinstance(result, dict):
+            print(result)
 
     app.run(main, argv=sys.argv)

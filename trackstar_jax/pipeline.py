@@ -1,0 +1,313 @@
+"""The one attribution pipeline: featurize → precondition → normalise → score.
+
+Every method is a configuration of this path (the paper's Table 1 rows, TRAK-style,
+TrackStar): a :class:`grads.GradientSpec` (output fn, optimizer correction, projection)
+picks the features, a registered preconditioner kind (:mod:`preconditioners`) picks M,
+and ``unit_norm`` picks normalisation. The jobs (``jobs/attribution.py``), the
+evaluation (``eval/fact_tracing.py``), the benchmarks and the Python API all call the
+three functions here; nothing else featurizes, fits or scores::
+
+    train = pipeline.featurize(featurizer, corpus_examples, 'runs/x/train_index')
+    queries = pipeline.featurize(featurizer, query_examples, 'runs/x/query_index',
+                                 IndexConfig(seq_len=64))
+    m = pipeline.fit(train, queries, FitConfig(preconditioner='mixed'))
+    result = pipeline.score(queries, train, m, ScoreConfig(k=10))
+
+Indices are addressed by URL (a path, ``gs://``, ``memory://``; see :mod:`index`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from trackstar_jax import checkpoint, scoring
+from trackstar_jax import index as index_lib
+from trackstar_jax import preconditioners as precond_lib
+from trackstar_jax.data import examples as examples_lib
+from trackstar_jax.grads import Featurizer
+from trackstar_jax.index import Index
+from trackstar_jax.preconditioners import FitConfig, Preconditioner
+from trackstar_jax.scoring import ScoreConfig, ScoreResult
+
+__all__ = [
+    'FitConfig',
+    'IndexConfig',
+    'Method',
+    'Preconditioner',
+    'ScoreConfig',
+    'ScoreResult',
+    'featurize',
+    'fit',
+    'open_index',
+    'run_method',
+    'score',
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """How examples are featurized into an index.
+
+    Attributes:
+      seq_len: padded length (examples longer than this are refused).
+      batch_size: examples per kernel call per process (divides chunk_rows).
+      chunk_rows: rows per storage chunk and commit unit.
+      dtype: storage dtype, 'float32' or 'bfloat16'.
+    """
+
+    seq_len: int = 128
+    batch_size: int = 32
+    chunk_rows: int = 256
+    dtype: str = 'float32'
+
+    def __post_init__(self):
+        if self.chunk_rows % self.batch_size:
+            raise ValueError(
+                f'batch_size {self.batch_size} must divide chunk_rows {self.chunk_rows}.'
+            )
+        if self.dtype not in index_lib.DTYPES:
+            raise ValueError(f'dtype must be one of {sorted(index_lib.DTYPES)}.')
+
+
+METHOD_KINDS = ('gradient', 'bm25', 'dense', 'gold')
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One attribution method: a row of the evaluation table.
+
+    Attributes:
+      name: row label.
+      kind: 'gradient' (this pipeline), or the evaluation's 'bm25', 'dense' and
+        'gold' (tail-patch the entailing examples).
+      correction: optimizer correction of gradient methods ('adafactor', 'adam', 'none').
+      output_fn: 'loss', 'margin', 'logit' or 'trak'.
+      preconditioner: a registered preconditioner kind ('none', 'diagonal', 'train',
+        'mixed', ...).
+      unit_norm: normalise both sides.
+    """
+
+    name: str
+    kind: str = 'gradient'
+    correction: str = 'adafactor'
+    output_fn: str = 'loss'
+    preconditioner: str = 'mixed'
+    unit_norm: bool = True
+
+    def __post_init__(self):
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f'Method {self.name}: kind must be one of {METHOD_KINDS}.')
+        if self.kind == 'gradient':
+            precond_lib.get(self.preconditioner)  # raises, naming the registered kinds
+
+
+def correction_fingerprint(featurizer: Featurizer) -> str:
+    """Hash of the correction arrays (V): a different V gives different vectors."""
+    h = hashlib.sha256()
+    for path in sorted(featurizer.corrections):
+        c = featurizer.corrections[path]
+        h.update(f'{path}:{c.kind}'.encode())
+        for a in (c.row, c.col, c.full):
+            if a is not None:
+                h.update(np.ascontiguousarray(np.asarray(a, np.float32)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def manifest_for(
+    featurizer: Featurizer, seq_len: int, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What the vectors of ``featurizer`` are: the manifest handed to the storage."""
+    return {
+        'model_fingerprint': checkpoint.fingerprint(featurizer.params),
+        'correction_fingerprint': correction_fingerprint(featurizer),
+        'spec': featurizer.spec.to_dict(),
+        'layout': featurizer.layout.to_dict(),
+        'correction': featurizer.spec.correction,
+        'output_fn': featurizer.spec.output_fn,
+        'projection_seed': featurizer.spec.seed,
+        'seq_len': seq_len,
+        **(dict(extra) if extra else {}),
+    }
+
+
+def open_index(index: Index | str) -> Index:
+    """An index handle from a handle or a URL."""
+    return index if isinstance(index, Index) else index_lib.open(index)
+
+
+def featurize(
+    featurizer: Featurizer,
+    examples: Sequence[Mapping[str, Any]],
+    url: str,
+    config: IndexConfig = IndexConfig(),
+    *,
+    manifest_extra: Mapping[str, Any] | None = None,
+    fault_hook: Callable[[str, int], None] | None = None,
+) -> Index:
+    """Featurizes ``examples`` into an index at ``url``; resumes an unfinished one.
+
+    In a job of P processes, step s featurizes chunks s*P .. s*P + P - 1, process p
+    computing and writing only chunk s*P + p (its rows are its slice of the global
+    batch); every process calls this with the same arguments.
+
+    Args:
+      featurizer: the kernel (its mesh decides the sharding).
+      examples: {'id', 'tokens', 'loss_mask'} (equal lengths <= config.seq_len).
+      url: the index URL.
+      config: sequence length, batch, chunk and storage dtype.
+      manifest_extra: more manifest entries (checkpoint path, step, source, ...).
+      fault_hook: test hook, see :meth:`index.IndexWriter.write_chunk`.
+
+    Returns:
+      The finished index.
+    """
+    ids = [str(ex['id']) for ex in examples]
+    manifest = manifest_for(featurizer, config.seq_len, manifest_extra)
+    create = dict(dim=featurizer.dim, dtype=config.dtype, chunk_rows=config.chunk_rows)
+    procs, me = jax.process_count(), jax.process_index()
+    if me == 0:
+        index_lib.create(url, manifest, ids, **create)
+    if procs > 1:
+        multihost_utils.sync_global_devices('index_created')
+    writer = index_lib.create(url, manifest, ids, **create)  # opens what process 0 made
+
+    chunk_rows, n = config.chunk_rows, len(ids)
+    num_steps = math.ceil(writer.num_chunks / procs)
+    done = np.ones(num_steps * procs, bool)
+    done[: writer.num_chunks] = writer.committed()
+    if procs > 1:  # every process must run the same steps (the kernel is SPMD)
+        done = multihost_utils.broadcast_one_to_all(done)
+    todo = [s for s in range(num_steps) if not done[s * procs : (s + 1) * procs].all()]
+    logging.info(
+        'Index %s: %d examples, D=%d, %d chunks of %d; %d chunks already done.',
+        url,
+        n,
+        featurizer.dim,
+        writer.num_chunks,
+        chunk_rows,
+        int(done[: writer.num_chunks].sum()),
+    )
+    t0, rows_done = time.time(), 0
+    for i, step in enumerate(todo):
+        chunk = step * procs + me
+        start, stop = writer.rows(chunk) if chunk < writer.num_chunks else (n, n)
+        mine = list(examples[start:stop])
+        length = config.seq_len
+        if procs == 1:
+            # Only to the chunk's longest example: short examples cost their length.
+            longest = max([len(ex['tokens']) for ex in mine] or [1])
+            length = examples_lib.bucket_length(longest, config.seq_len)
+        batch = examples_lib.pad_batch(mine, chunk_rows, length)
+        out = np.concatenate(
+            [
+                featurizer.local({k: v[b : b + config.batch_size] for k, v in batch.items()})
+                for b in range(0, chunk_rows, config.batch_size)
+            ]
+        )
+        if chunk < writer.num_chunks and not done[chunk]:
+            valid = stop - start
+            writer.write_chunk(
+                chunk, out[:valid], batch['loss_mask'][:valid].sum(1), fault_hook=fault_hook
+            )
+            rows_done += valid
+        rate = rows_done / max(time.time() - t0, 1e-9)
+        left = sum(
+            min(chunk_rows, max(n - (s * procs + me) * chunk_rows, 0)) for s in todo[i + 1 :]
+        )
+        logging.info(
+            'Index %s: step %d/%d, %d rows this run, %.1f rows/s, ETA %.0fs',
+            url,
+            i + 1,
+            len(todo),
+            rows_done,
+            rate,
+            left / max(rate, 1e-9),
+        )
+    if procs > 1:
+        multihost_utils.sync_global_devices('index_done')
+    return writer.finish()
+
+
+def fit(
+    train: Index | str,
+    queries: Index | str | None = None,
+    config: FitConfig = FitConfig(),
+    *,
+    mesh: Mesh | None = None,
+) -> Preconditioner:
+    """Fits the preconditioner ``config.preconditioner`` from the indices."""
+    return precond_lib.fit(
+        open_index(train), None if queries is None else open_index(queries), config, mesh
+    )
+
+
+def score(
+    queries: Index | str,
+    train: Index | str,
+    preconditioner: Preconditioner | str | None = None,
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    mesh: Mesh | None = None,
+    out_path: str | None = None,
+) -> ScoreResult:
+    """Exact top-k proponents of every query over the whole train index.
+
+    Args:
+      queries: the query index (handle or URL).
+      train: the train index (handle or URL).
+      preconditioner: a fit preconditioner, the URL of a saved one, or None (identity).
+      config: k, unit norm, chunk size.
+      mesh: the mesh (default: all devices along data).
+      out_path: if given, process 0 writes the top-k there as JSONL.
+    """
+    if isinstance(preconditioner, str):
+        preconditioner = precond_lib.load(preconditioner)
+    return scoring.score(
+        open_index(queries),
+        open_index(train),
+        preconditioner,
+        config,
+        mesh=mesh,
+        out_path=out_path,
+    )
+
+
+def run_method(
+    method: Method,
+    train: Index,
+    queries: Index,
+    fit_config: FitConfig = FitConfig(),
+    score_config: ScoreConfig = ScoreConfig(),
+    *,
+    mesh: Mesh | None = None,
+    fitted: dict[tuple[str, str, str], Preconditioner] | None = None,
+) -> tuple[ScoreResult, Preconditioner]:
+    """Fit (method's preconditioner) then score (method's unit norm): one gradient method.
+
+    ``fitted`` caches preconditioners by (train URL, query URL, kind) across calls, so
+    methods sharing indices and a kind fit once.
+    """
+    if method.kind != 'gradient':
+        raise ValueError(f'Method {method.name} is not a gradient method.')
+    key = (train.path, queries.path, method.preconditioner)
+    m = fitted.get(key) if fitted is not None else None
+    if m is None:
+        cfg = dataclasses.replace(fit_config, preconditioner=method.preconditioner)
+        m = fit(train, queries, cfg, mesh=mesh)
+        if fitted is not None:
+            fitted[key] = m
+    result = score(
+        queries, train, m, dataclasses.replace(score_config, unit_norm=method.unit_norm), mesh=mesh
+    )
+    return result, m

@@ -1,0 +1,315 @@
+"""Preconditioners: what is applied to both sides of a score, fit from indices.
+
+    score(z_m, z_q) = ⟨M φ(z_m), M φ(z_q)⟩   (then optionally unit-normalised)
+
+A preconditioner *kind* is registered once here, by name, with two functions:
+
+* ``fit(train, queries, config, mesh) -> (arrays, info, diagnostics)`` reads indices
+  (streamed, sharded) and returns the arrays ``apply`` needs, JSON-able facts about the
+  fit (λ, damping, ...) and arrays that are only for people (eigenvalue curves);
+* ``apply(arrays, vectors) -> vectors`` is a pure, jit-traceable function of the arrays
+  and a [n, D] float32 batch. The scorer compiles it into its chunk step, once per kind
+  and shape, and reuses that step across methods and chunks.
+
+Registered kinds (the paper's variants, §3 and Table 1):
+
+    none      identity (the ablations without R)
+    diagonal  per-coordinate 1/sqrt(mean φ² + δ), from the train index
+    train     block-diagonal R_train^-1/2
+    mixed     block-diagonal (λ R_eval + (1 − λ) R_train)^-1/2, λ given or 'auto' (TrackStar)
+
+A kind registered with :func:`register` is usable by name in the fit and score jobs and
+in the evaluation's Method table with no other change.
+
+Saved layout under a URL: ``preconditioner.json`` (kind, info, the index manifest keys
+it was fit on, and which array set is current) and ``arrays_<tag>/<name>`` zarr3 arrays.
+A save writes a new array set first and switches ``preconditioner.json`` to it last, so
+a crash leaves the old preconditioner readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from trackstar_jax import hessian
+from trackstar_jax import index as index_lib
+from trackstar_jax.index import Index
+
+FORMAT_VERSION = 1
+Arrays = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """How a preconditioner is fit.
+
+    Attributes:
+      preconditioner: the registered kind ('none', 'diagonal', 'train', 'mixed', ...).
+      lam: λ of R_eval in the mixed kind, in [0, 1] or 'auto'.
+      top_k_components: λ auto's crossing component, relative to D = 65536.
+      damping: relative damping (times each block's mean eigenvalue; for 'diagonal',
+        times the mean second moment).
+      chunk_rows: index rows streamed per step.
+    """
+
+    preconditioner: str = 'mixed'
+    lam: float | str = 'auto'
+    top_k_components: int = 1000
+    damping: float = 0.01
+    chunk_rows: int = 1024
+
+
+FitFn = Callable[
+    [Index, Index | None, FitConfig, Mesh | None],
+    tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]],
+]
+ApplyFn = Callable[[Arrays, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """A registered preconditioner kind.
+
+    Attributes:
+      name: the name jobs, gin files and Method rows use.
+      fit: (train, queries, config, mesh) -> (arrays, info, diagnostics).
+      apply: (arrays, vectors [n, D]) -> [n, D]; pure and jit-traceable.
+      uses_queries: whether ``fit`` reads the query index (then it is required).
+      description: one line for tables and errors.
+    """
+
+    name: str
+    fit: FitFn
+    apply: ApplyFn
+    uses_queries: bool = False
+    description: str = ''
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+    """Makes ``kind`` available by name everywhere (fit/score jobs, evaluation)."""
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def get(name: str) -> Kind:
+    """The registered kind ``name``; ValueError naming the known ones otherwise."""
+    if name not in _KINDS:
+        raise ValueError(f'Unknown preconditioner {name!r}; registered: {sorted(_KINDS)}.')
+    return _KINDS[name]
+
+
+def names() -> list[str]:
+    """Registered kinds."""
+    return sorted(_KINDS)
+
+
+@dataclasses.dataclass
+class Preconditioner:
+    """A fit preconditioner.
+
+    Attributes:
+      kind: its registered kind.
+      arrays: what ``apply`` reads (numpy).
+      info: JSON-able facts about the fit (λ, damping, ...).
+      manifest: the vector-defining keys of the index it was fit on.
+      diagnostics: arrays for people (e.g. eigenvalue curves), not used to score.
+    """
+
+    kind: str
+    arrays: dict[str, np.ndarray]
+    info: dict[str, Any]
+    manifest: dict[str, Any]
+    diagnostics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def apply(self, vectors: np.ndarray | jax.Array) -> jax.Array:
+        """M · v for each row of ``vectors`` [n, D] -> float32 [n, D]."""
+        arrays = {k: jnp.asarray(v) for k, v in self.arrays.items()}
+        return get(self.kind).apply(arrays, jnp.asarray(vectors, jnp.float32))
+
+    def save(self, url: str) -> str:
+        """Writes the preconditioner under ``url`` (atomically, see the module doc)."""
+        store = index_lib.Store(url)
+        everything = {**self.arrays, **{f'diag.{k}': v for k, v in self.diagnostics.items()}}
+        h = hashlib.sha256(f'{self.kind}{time.time_ns()}'.encode())
+        for name in sorted(everything):
+            h.update(np.ascontiguousarray(everything[name]).tobytes())
+        tag = f'arrays_{h.hexdigest()[:12]}'
+        for name, value in everything.items():
+            value = np.asarray(value)  # stored in its own dtype: a round trip is exact
+            arr = store.create_array(f'{tag}/{name}', value.shape, value.shape, str(value.dtype))
+            arr.write(value).result()
+        old = (
+            store.read_json('preconditioner.json') if store.exists('preconditioner.json') else None
+        )
+        meta = {
+            'format_version': FORMAT_VERSION,
+            'kind': self.kind,
+            'info': self.info,
+            'manifest': self.manifest,
+            'arrays': tag,
+            'names': sorted(self.arrays),
+            'diagnostics': sorted(self.diagnostics),
+        }
+        store.write_json('preconditioner.json', meta, indent=1)  # the switch
+        if old and old.get('arrays') not in (None, tag):
+            store.delete_prefix(old['arrays'] + '/')
+        return url
+
+
+def load(url: str) -> Preconditioner:
+    """Reads a preconditioner written by :meth:`Preconditioner.save`."""
+    store = index_lib.Store(url)
+    if not store.exists('preconditioner.json'):
+        raise FileNotFoundError(f'No preconditioner at {url} (no preconditioner.json).')
+    meta = store.read_json('preconditioner.json')
+    get(meta['kind'])  # a kind this process knows
+
+    def read(name: str) -> np.ndarray:
+        return np.asarray(store.open_array(f'{meta["arrays"]}/{name}').read().result())
+
+    return Preconditioner(
+        meta['kind'],
+        {n: read(n) for n in meta['names']},
+        meta['info'],
+        meta['manifest'],
+        {n: read(f'diag.{n}') for n in meta['diagnostics']},
+    )
+
+
+def identity(manifest: Mapping[str, Any]) -> Preconditioner:
+    """The 'none' preconditioner for indices with ``manifest``."""
+    return Preconditioner('none', {}, {}, _vector_keys(manifest))
+
+
+def _vector_keys(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: manifest.get(k) for k in index_lib.VECTOR_KEYS}
+
+
+def fit(
+    train: Index,
+    queries: Index | None = None,
+    config: FitConfig = FitConfig(),
+    mesh: Mesh | None = None,
+) -> Preconditioner:
+    """Fits ``config.preconditioner`` from a train index (and queries, if it uses them).
+
+    Raises:
+      ValueError: an unknown kind, or one that needs queries without them.
+      ManifestMismatchError: train and query indices that are not comparable.
+    """
+    kind = get(config.preconditioner)
+    if queries is not None:
+        index_lib.check_compatible(train.manifest, queries.manifest, '(train vs query)')
+    if kind.uses_queries and queries is None:
+        raise ValueError(f'Preconditioner {kind.name!r} needs a query index.')
+    arrays, info, diagnostics = kind.fit(
+        train, queries if kind.uses_queries else None, config, mesh
+    )
+    logging.info('Preconditioner %s fit on %s: %s', kind.name, train.path, info)
+    return Preconditioner(kind.name, arrays, info, _vector_keys(train.manifest), diagnostics)
+
+
+# --- the registered kinds -------------------------------------------------------------
+
+
+def _fit_none(train, queries, config, mesh):
+    del train, queries, config, mesh
+    return {}, {}, {}
+
+
+def _apply_none(arrays, vectors):
+    del arrays
+    return vectors
+
+
+def _fit_diagonal(train, queries, config, mesh):
+    del queries
+    r_sum, n = hessian.autocorrelation(train, mesh=mesh, chunk_rows=config.chunk_rows)
+    second = np.concatenate([np.diag(b) for b in r_sum]) / n
+    delta = max(config.damping * float(second.mean()), np.finfo(np.float64).tiny)
+    inv = (1.0 / np.sqrt(second + delta)).astype(np.float32)
+    return {'scale': inv}, {'damping': config.damping}, {}
+
+
+def _apply_diagonal(arrays, vectors):
+    return vectors * arrays['scale'][None, :]
+
+
+def _fit_block(train, queries, config, mesh):
+    r_train, n_train = hessian.autocorrelation(train, mesh=mesh, chunk_rows=config.chunk_rows)
+    r_train = r_train / n_train
+    r_eval, n_eval, lam = None, 0, 0.0
+    if queries is not None:
+        r_eval, n_eval = hessian.autocorrelation(queries, mesh=mesh, chunk_rows=config.chunk_rows)
+        r_eval, lam = r_eval / n_eval, config.lam
+    r, info, curves = hessian.mix(r_train, r_eval, lam, config.top_k_components, n_train, n_eval)
+    info = {**info, 'damping': config.damping}
+    return {'r_inv_sqrt': hessian.inverse_sqrt(r, config.damping).astype(np.float32)}, info, curves
+
+
+def _apply_block(arrays, vectors):
+    return hessian.apply_blocks(arrays['r_inv_sqrt'], vectors)
+
+
+register(Kind('none', _fit_none, _apply_none, description='identity'))
+register(
+    Kind('diagonal', _fit_diagonal, _apply_diagonal, description='1/sqrt(mean φ² + δ) per dim')
+)
+register(Kind('train', _fit_block, _apply_block, description='block R_train^-1/2'))
+register(
+    Kind(
+        'mixed',
+        _fit_block,
+        _apply_block,
+        uses_queries=True,
+        description='block (λ R_eval + (1 − λ) R_train)^-1/2',
+    )
+)
+
+
+def plot_eigenvalues(p: Preconditioner, url: str) -> str | None:
+    """PNG of the eigenvalue curves λR_eval, (1 − λ)R_train and the crossing (block kinds)."""
+    if 'eig_train' not in p.diagnostics:
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logging.warning('matplotlib is not installed (pip install trackstar_jax[eval]); no plot.')
+        return None
+    import io
+
+    lam, k = float(p.info.get('lam', 0.0)), p.info.get('k_component')
+    eig_train, eig_eval = p.diagnostics['eig_train'], p.diagnostics.get('eig_eval')
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(1, len(eig_train) + 1)
+    ax.loglog(x, np.maximum((1 - lam) * eig_train, 1e-30), label='(1-λ) R_train')
+    if eig_eval is not None:
+        ax.loglog(x, np.maximum(lam * eig_eval, 1e-30), label='λ R_eval')
+        ax.loglog(x, np.maximum(eig_eval, 1e-30), ':', alpha=0.5, label='R_eval')
+    ax.loglog(x, np.maximum(eig_train, 1e-30), ':', alpha=0.5, label='R_train')
+    if k:
+        ax.axvline(k, color='k', lw=0.8, ls='--', label=f'k = {k}')
+    ax.set_xlabel('component (descending)')
+    ax.set_ylabel('eigenvalue')
+    ax.set_title(f'λ = {lam:.4g}')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=100)
+    return index_lib.write_bytes(url, buf.getvalue())
