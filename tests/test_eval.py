@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from trackstar_jax import checkpoint, grads, losses, train
+from trackstar_jax import checkpoint, grads, losses, pipeline, preconditioners, train
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.eval import fact_tracing, metrics
 from trackstar_jax.eval import tail_patch as tail_patch_lib
+from trackstar_jax.jobs import attribution
 from trackstar_jax.models import DecoderConfig, DecoderLM
 
 
@@ -97,8 +98,22 @@ def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
     assert np.any(deltas != 0)
 
 
+def _fit_toy(train, queries, config, mesh):
+    """A toy preconditioner: each coordinate scaled by 1 / (1 + its mean |φ|)."""
+    del queries, config, mesh
+    vectors = train.read(slice(0, len(train)))
+    return {'scale': (1.0 / (1.0 + np.abs(vectors).mean(0))).astype(np.float32)}, {}, {}
+
+
+# Registered once, here: it must reach the evaluation table and the fit/score jobs.
+TOY = preconditioners.register(
+    preconditioners.Kind('toy_test_scale', _fit_toy, lambda a, v: v * a['scale'][None])
+)
+
+
 def test_user_supplied_facts_and_corpus(tmp_path):
-    """A user's own JSONL facts and corpus run through the evaluation without code."""
+    """A user's own JSONL facts and corpus run through the evaluation without code; a
+    registered preconditioner appears in its table; the jobs give the same top-k."""
     _trained_checkpoint(str(tmp_path / 'ckpt'))
     corpus = [
         {'id': f'doc{i}', 'text': t}
@@ -141,29 +156,33 @@ def test_user_supplied_facts_and_corpus(tmp_path):
         f.writelines(json.dumps(r) + '\n' for r in facts)
     methods = [
         fact_tracing.Method(name='Gold (entailing)', kind='gold'),
-        fact_tracing.Method(name='Exp 2 (+unit)', correction='none', hessian='none'),
-        fact_tracing.Method(name='TrackStar', hessian='mixed'),
+        fact_tracing.Method(name='Exp 2 (+unit)', correction='none', preconditioner='none'),
+        fact_tracing.Method(name='TrackStar', preconditioner='mixed'),
+        fact_tracing.Method(name='Toy', preconditioner=TOY.name),
     ]
+    spec = grads.GradientSpec(block_dim=16, num_layer_blocks=2)
     out = fact_tracing.evaluate(
         workdir=str(tmp_path / 'eval'),
         checkpoint_dir=str(tmp_path / 'ckpt'),
         methods=methods,
-        spec=grads.GradientSpec(block_dim=16, num_layer_blocks=2),
+        spec=spec,
         facts_path=str(tmp_path / 'facts.jsonl'),
         corpus_path=str(tmp_path / 'corpus.jsonl.gz'),
         tokenizer_path=corpus_lib.TOKENIZER_PATH,
-        num_queries=None,
-        num_distractors=None,
-        seq_len=16,
-        query_len=16,
-        k=3,
-        batch_size=8,
-        dimension_sweep=(4,),
+        config=fact_tracing.EvalConfig(
+            num_queries=None,
+            num_distractors=None,
+            seq_len=16,
+            query_len=16,
+            k=3,
+            batch_size=8,
+            dimension_sweep=(4,),
+        ),
     )
     table = out['table']
     assert out['num_queries'] == 3 and out['num_candidates'] == 8
     assert table['Gold (entailing)']['all']['mrr'] == 1.0
-    for name in ('Exp 2 (+unit)', 'TrackStar', 'TrackStar@D=16'):
+    for name in ('Exp 2 (+unit)', 'TrackStar', 'TrackStar@D=16', 'Toy'):
         row = table[name]['all']
         assert 0.0 <= row['mrr'] <= 1.0 and 0.0 <= row['recall@10'] <= 1.0
         assert np.isfinite(row['tail_patch'])
@@ -172,3 +191,31 @@ def test_user_supplied_facts_and_corpus(tmp_path):
         assert os.path.getsize(tmp_path / 'eval' / name) > 0
     html = open(tmp_path / 'eval' / 'report.html').read()
     assert 'The capital of France is' in html and '<code>doc' in html
+    assert '| Toy |' in open(tmp_path / 'eval' / 'results.md').read()
+
+    # The jobs (index, query, fit, score) on the same data give the TrackStar row's top-k:
+    # one code path.
+    jobs = str(tmp_path / 'jobs')
+    common = dict(workdir=jobs, checkpoint_dir=str(tmp_path / 'ckpt'), spec=spec)
+    attribution.index_corpus(
+        corpus_path=str(tmp_path / 'corpus.jsonl.gz'),
+        config=pipeline.IndexConfig(seq_len=16, batch_size=8, chunk_rows=64),
+        **common,
+    )
+    attribution.index_queries(
+        facts_path=str(tmp_path / 'facts.jsonl'),
+        config=pipeline.IndexConfig(seq_len=16, batch_size=8, chunk_rows=64),
+        **common,
+    )
+    for name, kind in (('TrackStar', 'mixed'), ('Toy', TOY.name)):
+        pre = attribution.fit(workdir=jobs, config=pipeline.FitConfig(preconditioner=kind))
+        scores = attribution.score(
+            workdir=jobs, config=pipeline.ScoreConfig(k=3), preconditioner=pre
+        )
+        by_query = {}
+        for line in open(scores):
+            r = json.loads(line)
+            by_query.setdefault(r['query_id'], []).append(r['example_id'])
+        assert by_query == out['rankings'][name], name
+    lam = preconditioners.load(os.path.join(jobs, 'preconditioner')).info.get('lam')
+    assert lam is None  # the last fit was the toy's

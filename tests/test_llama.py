@@ -374,7 +374,7 @@ def test_imported_checkpoint_runs_the_jobs_with_estimated_moments(tmp_path):
     """import -> estimate_moments -> load_model -> index_corpus, against direct calls."""
     import json
 
-    from trackstar_jax import index, train
+    from trackstar_jax import index, pipeline, train
     from trackstar_jax import sharding as shd
     from trackstar_jax.data import examples as examples_lib
     from trackstar_jax.grads import second_moments
@@ -442,12 +442,10 @@ def test_imported_checkpoint_runs_the_jobs_with_estimated_moments(tmp_path):
         checkpoint_dir=ckpt,
         spec=spec,
         corpus_path=str(corpus_path),
-        seq_len=12,
-        batch_size=4,
-        chunk_rows=4,
+        config=pipeline.IndexConfig(seq_len=12, batch_size=4, chunk_rows=4),
         mesh_axes=mesh_axes,
     )
-    idx = index.open(built.path)
+    idx = index.open(built)
     rows, ids = idx.read(slice(0, len(idx))), idx.ids
     feat = grads.Featurizer(model, params, spec, opt_state=direct)
     all_ex = examples_lib.corpus_examples(

@@ -408,6 +408,7 @@ def evaluate(
         'methods': {m.name: dataclasses.asdict(m) for m in methods},
         'table': table,
         'dimension_sweep': [{'method': n, 'dim': d, **table[n]['all']} for n, d in sweep_rows],
+        'rankings': rankings,
         'seconds': time.time() - t_start,
     }
     if jax.process_index() == 0:

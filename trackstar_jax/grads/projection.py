@@ -5,8 +5,10 @@ For a gradient viewed as W (m x n) in a block of side k = sqrt(d_b):
     P0 W P1ᵀ,   P0 ∈ R^{k x m},  P1 ∈ R^{k x n},  entries ~ N(0, 1/k) = N(0, 1/sqrt(d_b))
 
 so that E<P0 A P1ᵀ, P0 B P1ᵀ> = <A, B> (paper §A.2.2). The matrices are generated on
-device from ``fold_in`` keys each call and never stored; with threefry-partitionable
-keys they are the same on every host, mesh shape and run.
+device from ``fold_in`` keys, never written to disk; a ``Featurizer`` draws all of them
+once and keeps them on device (drawing them inside the kernel dominated its compile
+time). With threefry-partitionable keys they are the same on every host, mesh shape
+and run.
 """
 
 from __future__ import annotations
