@@ -11,8 +11,8 @@ import pytest
 
 from tests import pipeline_fixtures as fx
 from trackstar_jax import grads, index
-from trackstar_jax.data import examples as examples_lib
 from trackstar_jax import sharding as shd
+from trackstar_jax.data import examples as examples_lib
 
 KILL_WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'index_kill_worker.py')
 

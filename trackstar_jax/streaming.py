@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trackstar_jax import sharding as shd
-from trackstar_jax.data.pipeline import DataLayout
+from trackstar_jax.data.batching import DataLayout
 from trackstar_jax.index import Index
 
 

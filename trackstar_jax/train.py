@@ -182,7 +182,7 @@ def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str,
     """Assembles a global batch from this process's rows (its slice of the data axis).
 
     Process p holds rows [p * B / P, (p + 1) * B / P) of the global batch (see
-    :func:`trackstar_jax.data.pipeline.DataLayout`).
+    :func:`trackstar_jax.data.batching.DataLayout`).
     """
     sharding = shd.batch_sharding(mesh)
     return {

@@ -22,7 +22,7 @@ from test_multiprocess import CFG, TC, batch_for_test  # noqa: E402
 
 from trackstar_jax import sharding as shd  # noqa: E402
 from trackstar_jax import train  # noqa: E402
-from trackstar_jax.data.pipeline import DataLayout  # noqa: E402
+from trackstar_jax.data.batching import DataLayout  # noqa: E402
 from trackstar_jax.models import DecoderLM  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()

@@ -167,9 +167,14 @@ def _prepare(records, all_facts, tokenizer, config: EvalConfig) -> _Data:
     )
 
 
-def _content_tag(spec: grads.GradientSpec, config: EvalConfig, data: _Data) -> str:
-    """A hash of everything the gradient indices depend on besides the model."""
-    h = hashlib.sha256(json.dumps([spec.to_dict(), config.seq_len, config.query_len]).encode())
+def _content_tag(loaded, spec: grads.GradientSpec, config: EvalConfig, data: _Data) -> str:
+    """A hash of everything the gradient indices depend on: a changed model, spec or
+    example (ids, tokens, masks) never meets a stale index."""
+    h = hashlib.sha256(
+        json.dumps(
+            [checkpoint.fingerprint(loaded.params), spec.to_dict(), config.seq_len, config.query_len]
+        ).encode()
+    )
     for ex in (*data.candidates, *data.queries):
         h.update(ex['id'].encode())
         h.update(np.asarray(ex['tokens'], np.int32).tobytes())
@@ -180,7 +185,7 @@ def _content_tag(spec: grads.GradientSpec, config: EvalConfig, data: _Data) -> s
 def _gradient_indices(loaded, spec, data, config, mesh, root):
     """get(correction, output_fn) -> (train, queries) indices, built once each."""
     cache: dict[tuple[str, str], tuple[index_lib.Index, index_lib.Index]] = {}
-    tag = _content_tag(spec, config, data)
+    tag = _content_tag(loaded, spec, config, data)
     extra = {'checkpoint_dir': os.path.abspath(loaded.checkpoint_dir)}
 
     def get(correction: str, output_fn: str):

@@ -21,7 +21,7 @@ from absl import logging
 from trackstar_jax import checkpoint, train
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
-from trackstar_jax.data import pipeline
+from trackstar_jax.data import batching
 from trackstar_jax.models import DecoderConfig, DecoderLM
 
 
@@ -71,7 +71,7 @@ def train_lm(
         raise ValueError(f'seq_len {train_config.seq_len} > max_len {model_config.max_len}.')
     docs = corpus_lib.load_corpus(corpus_path, limit=max_documents)
     t0 = time.time()
-    rows = pipeline.pack(
+    rows = batching.pack(
         tokenizer.encode([d['text'] for d in docs]), train_config.seq_len, tokenizer.eos_id
     )
     # A fixed held-out split (chosen by a seeded permutation, never trained on).
@@ -88,7 +88,7 @@ def train_lm(
     )
 
     mesh = shd.make_mesh(mesh_axes)
-    layout = pipeline.DataLayout.for_mesh(mesh, train_config.batch_size)
+    layout = batching.DataLayout.for_mesh(mesh, train_config.batch_size)
     model = DecoderLM(model_config)
     tx = train.make_optimizer(train_config)
     state, shardings = train.create_train_state(model, train_config, mesh)
@@ -113,7 +113,7 @@ def train_lm(
     )
 
     def eval_loss(params) -> float:
-        it = pipeline.training_batches(eval_rows, train_config.batch_size, seed=0, layout=layout)
+        it = batching.training_batches(eval_rows, train_config.batch_size, seed=0, layout=layout)
         return float(
             np.mean(
                 [
@@ -127,7 +127,7 @@ def train_lm(
     if start == 0:
         history.append({'step': 0, 'eval_loss': eval_loss(state.params)})
         logging.info('step 0: eval loss %.4f', history[-1]['eval_loss'])
-    batches = pipeline.training_batches(
+    batches = batching.training_batches(
         train_rows, train_config.batch_size, train_config.seed, start_step=start, layout=layout
     )
     t_start, window = time.time(), []

@@ -1,0 +1,81 @@
+"""The shipped gin configs parse, and a launcher writes only under --workdir."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from trackstar_jax import gin_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOP_LEVEL = sorted(
+    os.path.basename(p) for p in glob.glob(os.path.join(gin_utils.GIN_CONFIG_DIR, '*.gin'))
+)
+
+
+@pytest.mark.parametrize('name', TOP_LEVEL)
+def test_shipped_gin_config_parses(name):
+    """Every binding names a configurable and a parameter that exist (run files may
+    leave %gin.REQUIRED values to the user, so the config is not finalised here)."""
+    gin.clear_config()
+    gin.add_config_file_search_path(gin_utils.GIN_CONFIG_DIR)
+    try:
+        gin.parse_config_files_and_bindings([name], [], finalize_config=False)
+    finally:
+        gin.clear_config()
+
+
+def _git_status():
+    status = subprocess.run(
+        ['git', 'status', '--porcelain', '--untracked-files=all'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # runs/ is git-ignored, so list it too: a default path there would hide from git.
+    runs = sorted(
+        os.path.join(d, f) for d, _, files in os.walk(os.path.join(ROOT, 'runs')) for f in files
+    )
+    return status, runs
+
+
+def test_evaluate_launcher_writes_only_under_workdir(tmp_path):
+    """The Quick Start command (shrunk by bindings) trains, evaluates and leaves the repo as
+    it was: nothing under benchmarks/results/, runs/ or anywhere else but --workdir."""
+    before = _git_status()
+    workdir = tmp_path / 'run'
+    bindings = [
+        "include 'models/tiny.gin'",
+        'trackstar_jax.TrainConfig.num_steps = 2',
+        'trackstar_jax.TrainConfig.warmup_steps = 1',
+        'trackstar_jax.TrainConfig.batch_size = 8',
+        'trackstar_jax.TrainConfig.seq_len = 32',
+        'trackstar_jax.TrainConfig.min_dim_size_to_factor = 16',
+        'train_lm.max_documents = 200',
+        'trackstar_jax.EvalConfig.num_queries = 4',
+        'trackstar_jax.EvalConfig.num_distractors = 12',
+        'trackstar_jax.EvalConfig.seq_len = 32',
+        'trackstar_jax.EvalConfig.query_len = 32',
+        'trackstar_jax.EvalConfig.k = 3',
+        'trackstar_jax.EvalConfig.batch_size = 8',
+        'trackstar_jax.EvalConfig.dimension_sweep = ()',
+        'trackstar_jax.GradientSpec.block_dim = 16',
+        'trackstar_jax.GradientSpec.num_layer_blocks = 2',
+        """evaluate.methods = [@gold/trackstar_jax.Method(), @bm25/trackstar_jax.Method(),
+            @exp2/trackstar_jax.Method(), @trackstar/trackstar_jax.Method()]""",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    cmd = [sys.executable, os.path.join(ROOT, 'launch', 'evaluate.py'), f'--workdir={workdir}']
+    cmd += [f'--gin_bindings={b}' for b in bindings]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert '| TrackStar' in out.stdout
+    assert _git_status() == before
+    for name in ('evaluate.gin', 'results.json', 'report.html', 'checkpoints', '.jax_cache'):
+        assert os.path.exists(workdir / name), name
+    # The config is written when the job starts and finalised (operative) when it ends.
+    assert 'EvalConfig.num_queries = 4' in open(workdir / 'evaluate.gin').read()
