@@ -172,7 +172,12 @@ def _content_tag(loaded, spec: grads.GradientSpec, config: EvalConfig, data: _Da
     example (ids, tokens, masks) never meets a stale index."""
     h = hashlib.sha256(
         json.dumps(
-            [checkpoint.fingerprint(loaded.params), spec.to_dict(), config.seq_len, config.query_len]
+            [
+                checkpoint.fingerprint(loaded.params),
+                spec.to_dict(),
+                config.seq_len,
+                config.query_len,
+            ]
         ).encode()
     )
     for ex in (*data.candidates, *data.queries):

@@ -20,8 +20,8 @@ from absl import logging
 
 from trackstar_jax import checkpoint, train
 from trackstar_jax import sharding as shd
-from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import batching
+from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.models import DecoderConfig, DecoderLM
 
 
