@@ -34,30 +34,28 @@ The GradientSpec is the paper's: block_dim 4096 (64 x 64), attention and MLP spl
 
 Usage (from the repository root)::
 
-    PYTHONPATH=. python benchmarks/kernel.py            # full sweep, ~9 min on 2 cores
-    PYTHONPATH=. python benchmarks/kernel.py --quick    # smaller sweep, ~2-3 min
+    python benchmarks/kernel.py            # full sweep, ~9 min on 2 cores
+    python benchmarks/kernel.py --quick    # smaller sweep, ~2-3 min
 
 Results go to ``benchmarks/results/kernel.json`` (``kernel_quick.json`` with
-``--quick``) with the command line, JAX version, devices and a timestamp.
+``--quick``; ``--out`` elsewhere) with the command line, JAX version, devices, the
+library fingerprint and a timestamp.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
-import platform
-import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+import harness
 
 VOCAB = 4096
 NUM_LAYERS = 4
@@ -76,76 +74,9 @@ LIBRARY_PATHS = (
     'sharding.py',
     '__init__.py',
 )
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def _proc_status() -> dict[str, float]:
-    """VmRSS and VmHWM of this process (MiB) from /proc/self/status, plus ru_maxrss."""
-    out = {'ru_maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    with contextlib.suppress(OSError), open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(('VmHWM:', 'VmRSS:')):
-                out[line.split(':')[0].lower() + '_mb'] = int(line.split()[1]) / 1024.0
-    return out
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM (and with it ru_maxrss) to the current RSS; False if not possible."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
-def library_fingerprint() -> dict[str, Any]:
-    """A hash of the library code this benchmark runs, and the repo's commit and dirty state.
-
-    Covers ``LIBRARY_PATHS`` (the gradient kernels, the models, the trainer and what they
-    import). Recorded at the start and end of a run and by every timing process, so
-    results taken while that code was being edited are flagged rather than silently mixed.
-    """
-    import hashlib
-    import importlib.util
-
-    spec = importlib.util.find_spec('trackstar_jax')
-    if spec is None or spec.origin is None:
-        return {}
-    root = os.path.dirname(spec.origin)
-    digest = hashlib.sha256()
-    for rel in LIBRARY_PATHS:
-        top = os.path.join(root, rel)
-        paths = [top] if os.path.isfile(top) else []
-        for dirpath, dirnames, files in os.walk(top):
-            dirnames.sort()
-            paths += [os.path.join(dirpath, f) for f in sorted(files) if f.endswith('.py')]
-        for path in paths:
-            digest.update(os.path.relpath(path, root).encode())
-            with open(path, 'rb') as f:
-                digest.update(f.read())
-    out: dict[str, Any] = {'source_sha256': digest.hexdigest()[:16]}
-    repo = os.path.dirname(root)
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ['git', '-C', repo]
-        out['git_commit'] = subprocess.run(
-            [*git, 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            [*git, 'status', '--porcelain', '--', *(f'trackstar_jax/{p}' for p in LIBRARY_PATHS)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        out['library_dirty'] = bool(status.strip())
-    return out
+# ----------------------------------------------------------------------------- configs
 
 
 def config_name(cfg: dict[str, int]) -> str:
@@ -222,39 +153,6 @@ def _batch(cfg: dict[str, int], seed: int) -> dict[str, Any]:
     return {'tokens': tokens, 'loss_mask': mask}
 
 
-def _memory(compiled) -> dict[str, int]:
-    """The compiled executable's memory_analysis(), in bytes."""
-    m = compiled.memory_analysis()
-    out = {
-        'temp_bytes': int(m.temp_size_in_bytes),
-        'argument_bytes': int(m.argument_size_in_bytes),
-        'output_bytes': int(m.output_size_in_bytes),
-        'alias_bytes': int(m.alias_size_in_bytes),
-    }
-    out['total_bytes'] = out['temp_bytes'] + out['argument_bytes'] + out['output_bytes']
-    out['total_minus_alias_bytes'] = out['total_bytes'] - out['alias_bytes']
-    return out
-
-
-def _flops(compiled) -> float | None:
-    """XLA's flop estimate of a compiled executable (None if unavailable)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 (backend-dependent)
-        return None
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    flops = (cost or {}).get('flops')
-    return float(flops) if flops is not None else None
-
-
-def _compile(jitted, *args) -> tuple[Any, float]:
-    """(compiled executable, seconds to lower + compile)."""
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
 def _save_state(path: str, params: Any, opt_state: Any) -> None:
     """Saves params and optimizer state leaves (numpy) for the RSS subprocesses."""
     import jax
@@ -311,48 +209,18 @@ def _train_state(built: dict[str, Any], params: Any, opt_state: Any, step: int):
     return jax.device_put(jax.device_get(state), shardings), shardings
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each fn per repetition, the fns called round-robin."""
-    import jax
-
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _record_throughput(
-    methods: dict[str, dict], times: dict[str, list[float]], batch: int, seq_len: int
-) -> None:
-    """Adds median seconds, all seconds, examples/s and tokens/s to each method's record."""
-    for name, ts in times.items():
-        med = _median(ts)
-        methods[name].update(
-            seconds=med, all_seconds=ts, examples_s=batch / med, tokens_s=batch * seq_len / med
-        )
-
-
-def _constants(feat) -> Any:
-    """The second argument ``Featurizer._run`` passes to its jitted kernels."""
-    return getattr(feat, 'constants', feat.corrections)
-
-
 def _side_matrices_fn(feat) -> Callable[[Any], Any]:
-    """jit'd (constants) -> {path: (D_r P0ᵀ, D_c P1ᵀ)} as the fused kernel computes them."""
+    """jit'd (constants) -> {path: (D_r P0ᵀ, D_c P1ᵀ)} as the fused kernel computes them.
+
+    ``feat.constants`` is (corrections, projections), what ``Featurizer`` passes its
+    jitted kernels; the projections are drawn once per Featurizer.
+    """
     import jax
 
     from trackstar_jax.grads import kernel
 
     paths = sorted(feat.fused_paths)
-    if hasattr(feat, 'constants'):  # (corrections, projections) passed to the kernel
-        return jax.jit(lambda c: {p: kernel._side_matrices(*c[1][p], c[0][p]) for p in paths})
-    entries, side, seed = feat.layout.by_path(), feat.layout.side, feat.spec.seed
-    return jax.jit(  # older library: P drawn inside the kernel on every call
-        lambda c: {p: kernel._side_matrices(entries[p], c[p], seed, side) for p in paths}
-    )
+    return jax.jit(lambda c: {p: kernel._side_matrices(*c[1][p], c[0][p]) for p in paths})
 
 
 def _breakdown(built, feat, state, train_step, batch, repeats: int) -> dict[str, Any]:
@@ -366,9 +234,8 @@ def _breakdown(built, feat, state, train_step, batch, repeats: int) -> dict[str,
       layer for input gradients, without any weight gradient (what the fused kernel
       needs, minus its taps).
     * side_matrices: what the fused kernel computes per call before touching the model,
-      D_r P0ᵀ and D_c P1ᵀ of every fused kernel, alone (with the projections drawn once
-      per Featurizer this is the correction scaling; with an older library that drew P
-      inside the kernel, the drawing too).
+      D_r P0ᵀ and D_c P1ᵀ of every fused kernel, alone (the projections are drawn once
+      per Featurizer, so this is the correction scaling).
     * fused: ``feat(batch)``.
     * train_grad: ``train.make_loss_and_grads`` (value_and_grad of the mean loss).
     * train_step: the full Adafactor step.
@@ -387,7 +254,7 @@ def _breakdown(built, feat, state, train_step, batch, repeats: int) -> dict[str,
     from trackstar_jax.grads import kernel
 
     model, spec = built['model'], built['spec']
-    params, constants = feat.params, _constants(feat)
+    params, constants = feat.params, feat.constants
     tokens, mask = batch['tokens'], batch['loss_mask']
 
     def objective(p, toks, m, delta=None):
@@ -418,12 +285,12 @@ def _breakdown(built, feat, state, train_step, batch, repeats: int) -> dict[str,
 
     out: dict[str, Any] = {'parts': {}}
     compiled = {
-        'forward': _compile(forward, params, tokens, mask),
-        'forward_input_grad': _compile(fwd_in, params, tokens, mask),
-        'side_matrices': _compile(mats, constants),
-        'fused': _compile(feat._fused, params, constants, tokens, mask),
-        'train_grad': _compile(grad_fn, grad_params, batch),
-        'train_step': _compile(train_step, state, batch),
+        'forward': harness.compile_timed(forward, params, tokens, mask),
+        'forward_input_grad': harness.compile_timed(fwd_in, params, tokens, mask),
+        'side_matrices': harness.compile_timed(mats, constants),
+        'fused': harness.compile_timed(feat._fused, params, constants, tokens, mask),
+        'train_grad': harness.compile_timed(grad_fn, grad_params, batch),
+        'train_step': harness.compile_timed(train_step, state, batch),
     }
     holder = {'state': state}
 
@@ -441,14 +308,14 @@ def _breakdown(built, feat, state, train_step, batch, repeats: int) -> dict[str,
     }
     for fn in fns.values():  # warm-up call of each
         jax.block_until_ready(fn())
-    times = _interleaved(fns, repeats)
+    times = harness.interleaved(fns, repeats)
     for name, ts in times.items():
         c, compile_s = compiled[name]
         out['parts'][name] = {
-            'seconds': _median(ts),
+            'seconds': harness.median(ts),
             'all_seconds': ts,
             'compile_s': compile_s,
-            'flops': _flops(c),
+            'flops': harness.xla_flops(c),
         }
     s = {k: v['seconds'] for k, v in out['parts'].items()}
     fused = s['fused']
@@ -494,9 +361,9 @@ def child_time(cfg: dict[str, int], state_path: str, repeats: int, breakdown: bo
     train_step = train.make_train_step(model, tx, mesh, shardings)
     res: dict[str, Any] = {'config': cfg, 'methods': {m: {} for m in METHODS}}
 
-    compiled, compile_s = _compile(train_step, state, batch)
+    compiled, compile_s = harness.compile_timed(train_step, state, batch)
     res['methods']['train_step'].update(
-        compile_s=compile_s, memory=_memory(compiled), flops=_flops(compiled)
+        compile_s=compile_s, memory=harness.xla_memory(compiled), flops=harness.xla_flops(compiled)
     )
     # Two real steps on other batches: a genuine Adafactor state for the correction.
     for i, seed in enumerate((1, 2)):
@@ -512,18 +379,18 @@ def child_time(cfg: dict[str, int], state_path: str, repeats: int, breakdown: bo
     res['dim'] = feat.dim
     res['num_fused_kernels'] = len(feat.fused_paths)
     res['num_params'] = int(sum(x.size for x in jax.tree.leaves(state.params)))
-    args = (feat.params, _constants(feat), batch['tokens'], batch['loss_mask'])
+    args = (feat.params, feat.constants, batch['tokens'], batch['loss_mask'])
     calls = {'fused': (feat._fused, feat), 'reference': (feat._reference, feat.reference)}
     outs = {}
     for name, (jitted, call) in calls.items():
-        compiled, compile_s = _compile(jitted, *args)
+        compiled, compile_s = harness.compile_timed(jitted, *args)
         t0 = time.perf_counter()
         outs[name] = np.asarray(jax.block_until_ready(call(batch)))
         res['methods'][name].update(
             compile_s=compile_s,
             first_call_s=time.perf_counter() - t0,
-            memory=_memory(compiled),
-            flops=_flops(compiled),
+            memory=harness.xla_memory(compiled),
+            flops=harness.xla_flops(compiled),
         )
     f, r = outs['fused'], outs['reference']
     res['fused_vs_reference_max_rel_err'] = float(
@@ -540,8 +407,8 @@ def child_time(cfg: dict[str, int], state_path: str, repeats: int, breakdown: bo
         'reference': lambda: feat.reference(batch),
         'train_step': step,
     }
-    times = _interleaved(fns, repeats)
-    _record_throughput(res['methods'], times, b, cfg['seq_len'])
+    times = harness.interleaved(fns, repeats)
+    harness.record_throughput(res['methods'], times, b, cfg['seq_len'])
     m = res['methods']
     res['ratios'] = {
         'fused_over_reference': m['fused']['examples_s'] / m['reference']['examples_s'],
@@ -573,7 +440,7 @@ def child_rss(cfg: dict[str, int] | None, state_path: str | None, method: str) -
     jax.block_until_ready(jnp.ones(4) + 1)  # initialise the backend
     out: dict[str, Any] = {'method': method}
     if method == 'idle':
-        out['peak'] = _proc_status()
+        out['peak'] = harness.proc_status()
         return out
     assert cfg is not None and state_path is not None
     built = _build(cfg)
@@ -593,18 +460,18 @@ def child_rss(cfg: dict[str, int] | None, state_path: str | None, method: str) -
         feat = _featurizer(built, params, opt_state)
         del params, opt_state
         jitted = feat._fused if method == 'fused' else feat._reference
-        args = (feat.params, _constants(feat), batch['tokens'], batch['loss_mask'])
+        args = (feat.params, feat.constants, batch['tokens'], batch['loss_mask'])
         call = feat if method == 'fused' else feat.reference
 
         def run():
             return call(batch)
 
-    out['setup'] = _proc_status()
-    _, out['compile_s'] = _compile(jitted, *args)
-    out['after_compile'] = _proc_status()
-    out['peak_reset'] = _reset_peak_rss()
+    out['setup'] = harness.proc_status()
+    _, out['compile_s'] = harness.compile_timed(jitted, *args)
+    out['after_compile'] = harness.proc_status()
+    out['peak_reset'] = harness.reset_peak_rss()
     jax.block_until_ready(run())
-    out['after_run'] = _proc_status()
+    out['after_run'] = harness.proc_status()
     return out
 
 
@@ -645,17 +512,6 @@ def _rss_summary(rss: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, 
     if idle is not None:
         out['process_peak_over_idle_mb'] = out['process_peak_mb'] - idle['peak']['ru_maxrss_mb']
     return out
-
-
-def _device_info() -> dict[str, Any]:
-    """Filled in from a child (the parent never imports JAX)."""
-    cpu = ''
-    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
-        for line in f:
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'platform': platform.platform()}
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
@@ -728,14 +584,12 @@ def main(argv: list[str] | None = None) -> None:
 
             jax.config.update('jax_compilation_cache_dir', args.cache_dir)
         if args.child == 'time':
-            import jax
-
-            fingerprint = library_fingerprint()
+            fingerprint = harness.library_fingerprint(LIBRARY_PATHS)
             out = child_time(cfg, args.state, repeats, args.breakdown)
             out['library'] = fingerprint
-            out['jax_version'] = jax.__version__
-            out['devices'] = [str(d) for d in jax.devices()]
-            out['device_kind'] = jax.devices()[0].device_kind
+            device = harness.device_info()
+            for key in ('jax_version', 'devices', 'device_kind'):
+                out[key] = device[key]
         else:
             out = child_rss(cfg, args.state, args.method)
         with open(args.child_out, 'w') as f:
@@ -743,11 +597,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     t_start = time.perf_counter()
-    library_at_start = library_fingerprint()
+    library_at_start = harness.library_fingerprint(LIBRARY_PATHS)
     configs = make_configs(args.quick)
     bd_name = args.breakdown_config or ('d128_t128_b8' if args.quick else 'd512_t128_b8')
     out_path = args.out or os.path.join(
-        RESULTS_DIR, 'kernel_quick.json' if args.quick else 'kernel.json'
+        harness.RESULTS_DIR, 'kernel_quick.json' if args.quick else 'kernel.json'
     )
     results: list[dict[str, Any]] = []
     meta: dict[str, Any] = {}
@@ -808,18 +662,18 @@ def main(argv: list[str] | None = None) -> None:
             config_name(r['config']) for r in results if r['ratios']['fused_over_train_step'] >= 1.4
         ],
     }
-    library_at_end = library_fingerprint()
-    hashes = {library_at_start.get('source_sha256'), library_at_end.get('source_sha256')}
-    hashes |= {r['library'].get('source_sha256') for r in results}
-    changed = len(hashes) > 1
+    library_at_end = harness.library_fingerprint(LIBRARY_PATHS)
+    changed = harness.changed_during_run(
+        library_at_start, library_at_end, *(r['library'] for r in results)
+    )
     if changed:
         print('WARNING: trackstar_jax changed during this run; results mix versions.')
     report = {
         'benchmark': 'kernel',
-        'command': shlex.join([sys.executable, *sys.argv]),
-        'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        'command': harness.command_line(),
+        'timestamp': harness.timestamp(),
         **meta,
-        'host': _device_info(),
+        'host': harness.host_info(),
         'library': {**library_at_start, 'changed_during_run': changed},
         'settings': {
             'vocab_size': VOCAB,
@@ -841,9 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         'targets': targets,
         'wall_s': time.perf_counter() - t_start,
     }
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, 'w') as f:
-        json.dump(report, f, indent=1)
+    harness.write_result(out_path, report)
     print()
     _print_table(results)
     for r in results:

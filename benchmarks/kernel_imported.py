@@ -11,48 +11,36 @@ For each sequence length, in one process and interleaved (so drift hits all alik
 
 Each is compiled first (compile seconds reported apart), then timed as the median of
 ``--repeats`` calls. Peak memory is the compiled executable's ``memory_analysis()``
-(temp + arguments + outputs), plus this process's peak RSS at the end. Batches are
+(temp + arguments + outputs), plus this process's peak RSS (VmHWM) at the end. Batches are
 Wikipedia passages of the embedded corpus tokenised with the model's tokenizer and packed
 into rows of T tokens (every token after the first is a target).
 
 Usage (after ``launch/import_checkpoint.py`` and ``launch/estimate_second_moments.py``)::
 
-    PYTHONPATH=. python benchmarks/kernel_imported.py --checkpoint=runs/smollm2_135m
+    python benchmarks/kernel_imported.py --checkpoint=runs/smollm2_135m
 
-Writes ``benchmarks/results/kernel_smollm2.json`` with the command line.
+Writes ``benchmarks/results/kernel_smollm2.json`` (``--out`` elsewhere) with the command
+line, devices and the library fingerprint.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import resource
-import shlex
-import sys
 import time
 from typing import Any
 
+import harness  # first: puts the repository root on sys.path
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from trackstar_jax import grads, train
+from trackstar_jax import sharding as shd
+from trackstar_jax.data import corpus as corpus_lib
+from trackstar_jax.jobs import common
 
-from benchmarks.kernel import (  # noqa: E402
-    _compile,
-    _device_info,
-    _flops,
-    _interleaved,
-    _memory,
-    _record_throughput,
-)
-from trackstar_jax import grads, train  # noqa: E402
-from trackstar_jax import sharding as shd  # noqa: E402
-from trackstar_jax.data import corpus as corpus_lib  # noqa: E402
-from trackstar_jax.jobs import common  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+LIBRARY_PATHS = ('grads', 'models', 'train.py', 'losses.py', 'sharding.py', 'jobs/common.py')
 
 
 def passages_batch(tokenizer: Any, batch: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -96,28 +84,28 @@ def run_length(loaded: common.LoadedModel, mesh, seq_len: int, batch_size: int, 
     gbatch = train.global_batch(mesh, batch)
     res: dict[str, Any] = {'seq_len': seq_len, 'batch': batch_size, 'methods': {}}
 
-    compiled, compile_s = _compile(train_step, state, gbatch)
+    compiled, compile_s = harness.compile_timed(train_step, state, gbatch)
     res['methods']['train_step'] = {
         'compile_s': compile_s,
-        'memory': _memory(compiled),
-        'flops': _flops(compiled),
+        'memory': harness.xla_memory(compiled),
+        'flops': harness.xla_flops(compiled),
     }
     ref_feat = feats['fused_32x32']
     for name, feat in feats.items():
         args = (feat.params, feat.constants, batch['tokens'], batch['loss_mask'])
-        compiled, compile_s = _compile(feat._fused, *args)
+        compiled, compile_s = harness.compile_timed(feat._fused, *args)
         res['methods'][name] = {
             'compile_s': compile_s,
-            'memory': _memory(compiled),
-            'flops': _flops(compiled),
+            'memory': harness.xla_memory(compiled),
+            'flops': harness.xla_flops(compiled),
             'dim': feat.dim,
         }
     args = (ref_feat.params, ref_feat.constants, batch['tokens'], batch['loss_mask'])
-    compiled, compile_s = _compile(ref_feat._reference, *args)
+    compiled, compile_s = harness.compile_timed(ref_feat._reference, *args)
     res['methods']['reference'] = {
         'compile_s': compile_s,
-        'memory': _memory(compiled),
-        'flops': _flops(compiled),
+        'memory': harness.xla_memory(compiled),
+        'flops': harness.xla_flops(compiled),
     }
     fused = np.asarray(ref_feat(batch))
     reference = np.asarray(ref_feat.reference(batch))
@@ -133,9 +121,9 @@ def run_length(loaded: common.LoadedModel, mesh, seq_len: int, batch_size: int, 
     fns = {name: (lambda f=feat: f(batch)) for name, feat in feats.items()}
     fns['reference'] = lambda: ref_feat.reference(batch)
     fns['train_step'] = step
-    _interleaved(fns, 1)  # warm-up: first calls allocate
-    times = _interleaved(fns, repeats)
-    _record_throughput(res['methods'], times, batch_size, seq_len)
+    harness.interleaved(fns, 1)  # warm-up: first calls allocate
+    times = harness.interleaved(fns, repeats)
+    harness.record_throughput(res['methods'], times, batch_size, seq_len)
     m = res['methods']
     res['ratios'] = {
         f'{name}_over_train_step': m[name]['examples_s'] / m['train_step']['examples_s']
@@ -157,19 +145,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--seq_lens', default='128,512')
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--out', default=os.path.join(RESULTS, 'kernel_smollm2.json'))
+    parser.add_argument('--out', default=os.path.join(harness.RESULTS_DIR, 'kernel_smollm2.json'))
     args = parser.parse_args(argv)
     mesh = shd.make_mesh(devices=jax.devices()[:1])
     t0 = time.perf_counter()
     loaded = common.load_model(args.checkpoint, mesh)
     if loaded.opt_state is None:
         raise SystemExit(f'{args.checkpoint} has no V: run launch/estimate_second_moments.py.')
+    device = harness.device_info()
     out: dict[str, Any] = {
-        'command': 'PYTHONPATH=. python ' + shlex.join(sys.argv),
-        'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        'jax': jax.__version__,
-        'devices': [str(d) for d in jax.devices()[:1]],
-        'host': _device_info(),
+        'benchmark': 'kernel_imported',
+        'command': harness.command_line(argv),
+        'timestamp': harness.timestamp(),
+        'jax': device['jax_version'],
+        'devices': device['devices'][:1],
+        'host': device['host'],
+        'library': harness.library_fingerprint(LIBRARY_PATHS),
         'checkpoint': os.path.abspath(args.checkpoint),
         'model': loaded.model.config.to_dict(),
         'num_params': int(sum(x.size for x in jax.tree.leaves(loaded.params))),
@@ -187,10 +178,11 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         print(f'T={t:4d} ratios: {json.dumps(r["ratios"])}', flush=True)
-    out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(out, f, indent=1)
+    out['peak_rss_mb'] = harness.peak_rss_mb()
+    out['library']['changed_during_run'] = harness.changed_during_run(
+        out['library'], harness.library_fingerprint(LIBRARY_PATHS)
+    )
+    harness.write_result(args.out, out, argv)
     print(f'wrote {args.out}')
 
 

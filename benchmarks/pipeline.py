@@ -1,48 +1,48 @@
-"""Benchmarks of the index -> fit -> score pipeline on synthetic indices.
+"""Benchmarks of the featurize -> fit -> score pipeline on synthetic indices.
 
 Measures, in one run (so every ratio compares numbers taken side by side):
 
-1. Scoring throughput (train rows/s) of ``scoring.score`` with and without a Hessian,
-   against plain in-memory jit'd baselines of the same sizes: ``queries @ chunk.T``
-   alone, and the same plus a running ``lax.top_k`` (with a Hessian, also the same math
-   as the library done in memory: R^-1/2 per block, unit norm, matmul, top-k). Without
-   a Hessian it also splits the library's time into its parts: TensorStore read through
+1. Scoring throughput (train rows/s) of ``pipeline.score`` with and without a mixed
+   preconditioner (block R^-1/2), against plain in-memory jit'd baselines of the same
+   sizes: ``queries @ chunk.T`` alone, and the same plus a running ``lax.top_k`` (with
+   R^-1/2, also the same math as the library done in memory: R^-1/2 per block, unit
+   norm, matmul, top-k). The library compiles its chunk step once per (mesh, k, kind,
+   unit_norm) and reuses it, so each configuration's first ``score`` call (compile
+   included) is timed apart and the repeats are steady-state calls. Without R it also
+   splits the library's time into its parts: TensorStore read through
    ``streaming.stream_rows``, the jit'd chunk step of ``scoring.make_chunk_scorer`` on
    staged chunks, and the ``scoring._top_k_sorted`` sort inside it.
 2. Index write and read MB/s (TensorStore zarr3, float32 and bfloat16).
-3. ``hessian.fit`` time against one in-memory block-diagonal XᵀX of the same rows, with
-   fit's parts (streaming passes, eigen-decompositions) timed inside the real call.
-4. Peak RSS (``ru_maxrss``) of ``score`` and ``fit`` over an index of N and 4N rows, each
-   in a fresh subprocess, next to an idle process that has imported the same modules.
+3. ``pipeline.fit`` ('mixed', λ auto) time against one in-memory block-diagonal XᵀX of
+   the same rows, with fit's parts (``hessian.autocorrelation`` passes,
+   ``hessian.sorted_eigs``, ``hessian.inverse_sqrt``) timed inside the real call.
+4. Peak RSS (VmHWM) of ``score`` and ``fit`` over an index of N and 4N rows, each in a
+   fresh subprocess, next to an idle process that has imported the same modules.
 
-The synthetic indices are written with the library's own TensorStore helpers in exactly
-the layout ``index.build`` produces (manifest, ids, zarr3 vectors/norms/num_targets and
-a commit marker per chunk). Their manifest is copied from a small index really built by
-the test fixtures' featurizer with a ``GradientSpec`` whose D is the one wanted, so the
-vectors are random but everything the library checks is genuine. Fit and score are the
-library's real code paths.
+The synthetic indices are written through the library's own storage API
+(``index.create`` and ``IndexWriter.write_chunk``: manifest, ids, zarr3
+vectors/norms/num_targets and a commit marker per chunk). Their manifest is
+``pipeline.manifest_for`` of the test fixtures' featurizer with a ``GradientSpec`` whose D
+is the one wanted, so the vectors are random but everything the library checks is
+genuine. Fit and score are the library's real code paths.
 
 Usage (from the repository root)::
 
-    PYTHONPATH=. python benchmarks/pipeline.py            # full run, ~15 min on 2 cores
-    PYTHONPATH=. python benchmarks/pipeline.py --quick    # ~2 min smoke run
+    python benchmarks/pipeline.py            # full run, ~15 min on 2 cores
+    python benchmarks/pipeline.py --quick    # ~2 min smoke run
 
 Results go to ``benchmarks/results/pipeline.json`` (``pipeline_quick.json`` with
-``--quick``), with the command line, JAX version, devices and a timestamp.
+``--quick``; ``--out`` elsewhere), with the command line, JAX version, devices, the
+library fingerprint and a timestamp.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
-import resource
-import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,68 +50,40 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import harness
 import numpy as np
 
 K = 10
-SCORE_CHUNK = 4096  # scoring.score's default chunk_rows; the baselines use the same chunks
-STORE_CHUNK = 256  # index.build's default chunk_rows (storage chunk and commit unit)
+SCORE_CHUNK = 4096  # ScoreConfig's default chunk_rows; the baselines use the same chunks
+STORE_CHUNK = 256  # IndexConfig's default chunk_rows (storage chunk and commit unit)
 NUM_BLOCKS = 4  # the fixture model: 2 layers x (attention, MLP)
-
-
-def _peak_rss_mb() -> dict[str, float]:
-    """Peak resident set size of this process in MiB, two ways.
-
-    'vm_hwm_mb' (VmHWM of /proc/self/status) is the high-water mark of this process's
-    own address space, and is the one reported. 'ru_maxrss_mb' (getrusage) is kept for
-    reference only: Linux carries ru_maxrss over fork + exec, so a fresh child reports
-    at least its parent's RSS at the fork (here the whole benchmark process).
-    """
-    out = {'ru_maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    with contextlib.suppress(OSError), open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                out['vm_hwm_mb'] = int(line.split()[1]) / 1024.0
-    out['maxrss_mb'] = out.get('vm_hwm_mb', out['ru_maxrss_mb'])
-    return out
-
-
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
-    """(median seconds, all seconds, last result) of ``repeats`` calls of ``fn``."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return _median(times), times, out
+LIBRARY_FILES = (
+    'index.py',
+    'streaming.py',
+    'scoring.py',
+    'hessian.py',
+    'preconditioners.py',
+    'pipeline.py',
+    'sharding.py',
+    'data',
+)
 
 
 # ----------------------------------------------------------------------------- indices
 
 
-def template_manifest(block_dim: int, workdir: str) -> dict[str, Any]:
-    """The manifest of a small index really built with the test fixtures' featurizer.
+def template_manifest(block_dim: int) -> dict[str, Any]:
+    """``pipeline.manifest_for`` of the test fixtures' featurizer at this block size, with D.
 
     D = NUM_BLOCKS * block_dim (the fixture model has 2 layers, attention and MLP split).
     """
     from tests import pipeline_fixtures as fx
-    from trackstar_jax import grads, index
+    from trackstar_jax import grads, pipeline
 
     spec = grads.GradientSpec(block_dim=block_dim, num_layer_blocks=2, seed=3)
-    path = os.path.join(workdir, f'template_b{block_dim}')
-    idx = index.build(
-        fx.featurizer(spec=spec),
-        fx.train_examples(8),
-        path,
-        chunk_rows=4,
-        seq_len=fx.SEQ_LEN,
-    )
-    manifest = dict(idx.manifest)
-    assert manifest['dim'] == NUM_BLOCKS * block_dim, manifest['dim']
-    return manifest
+    feat = fx.featurizer(spec=spec)
+    assert feat.dim == NUM_BLOCKS * block_dim, feat.dim
+    return {**pipeline.manifest_for(feat, fx.SEQ_LEN, {'synthetic': True}), 'dim': feat.dim}
 
 
 def write_synthetic(
@@ -123,56 +95,41 @@ def write_synthetic(
     chunk_rows: int = STORE_CHUNK,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Writes an n-row index of random vectors laid out exactly as ``index.build`` does.
+    """Writes an n-row index of random vectors with ``index.create`` / ``write_chunk``.
 
     Rows are a fixed random block of ``chunk_rows`` rows, column-rolled differently per
-    chunk and scaled per row (cheap to make, all scores distinct). Only the vector writes
-    (``vectors[a:b].write(v.astype(dtype)).result()``, the line ``index.build`` uses) are
-    timed.
+    chunk and scaled per row (cheap to make, all scores distinct). 'seconds' times the
+    vector writes alone (from the call of ``write_chunk`` to its 'vectors_written'
+    hook: the cast to the storage dtype and the TensorStore write); 'chunk_seconds' the
+    whole ``write_chunk`` calls (plus norms, num_targets and the commit marker).
 
     Returns:
-      {'seconds', 'stored_mb', 'rows'} of the vector writes.
+      {'seconds', 'chunk_seconds', 'stored_mb', 'rows'}.
     """
     from trackstar_jax import index
 
     d = int(template['dim'])
-    os.makedirs(os.path.join(path, 'progress'), exist_ok=True)
-    index._atomic_write(
-        os.path.join(path, 'ids.json'), json.dumps([f'ex-{i:08d}' for i in range(n)])
-    )
-    for name, shape, chunk, dt in (
-        ('vectors', (n, d), (chunk_rows, d), dtype),
-        ('norms', (n,), (chunk_rows,), 'float32'),
-        ('num_targets', (n,), (chunk_rows,), 'float32'),
-    ):
-        index._open_array(os.path.join(path, name), create=True, shape=shape, chunk=chunk, dtype=dt)
-    manifest = {
-        **template,
-        'num_examples': n,
-        'dtype': dtype,
-        'chunk_rows': chunk_rows,
-        'created': time.time(),
-        'synthetic': True,
-    }
-    index._atomic_write(os.path.join(path, 'manifest.json'), json.dumps(manifest, indent=1))
-    vectors = index._open_array(os.path.join(path, 'vectors'))
-    norms = index._open_array(os.path.join(path, 'norms'))
-    targets = index._open_array(os.path.join(path, 'num_targets'))
+    ids = [f'ex-{i:08d}' for i in range(n)]
+    writer = index.create(path, template, ids, dim=d, dtype=dtype, chunk_rows=chunk_rows)
     rng = np.random.default_rng(seed)
     base = rng.standard_normal((chunk_rows, d), dtype=np.float32)
     scales = rng.uniform(0.5, 2.0, n).astype(np.float32)
-    seconds = 0.0
-    for c in range(index._num_chunks(manifest)):
-        start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n)
+    seconds = chunk_seconds = 0.0
+    for c in range(writer.num_chunks):
+        start, stop = writer.rows(c)
         vecs = np.roll(base, 7 * c + 1, axis=1)[: stop - start] * scales[start:stop, None]
+        marks: dict[str, float] = {}
+
+        def hook(event: str, chunk: int, marks=marks) -> None:
+            marks[event] = time.perf_counter()
+
         t0 = time.perf_counter()
-        vectors[start:stop].write(vecs.astype(index.DTYPES[dtype])).result()
-        seconds += time.perf_counter() - t0
-        norms[start:stop].write(np.linalg.norm(vecs, axis=1).astype(np.float32)).result()
-        targets[start:stop].write(np.full(stop - start, 8.0, np.float32)).result()
-        index._atomic_write(index._marker(path, c), json.dumps({'rows': [start, stop]}))
+        writer.write_chunk(c, vecs, np.full(stop - start, 8.0, np.float32), fault_hook=hook)
+        chunk_seconds += time.perf_counter() - t0
+        seconds += marks['vectors_written'] - t0
+    writer.finish()  # checks every chunk is committed
     stored = n * d * np.dtype(index.DTYPES[dtype]).itemsize / 2**20
-    return {'seconds': seconds, 'stored_mb': stored, 'rows': n}
+    return {'seconds': seconds, 'chunk_seconds': chunk_seconds, 'stored_mb': stored, 'rows': n}
 
 
 def read_throughput(path: str, repeats: int) -> dict[str, float]:
@@ -186,7 +143,7 @@ def read_throughput(path: str, repeats: int) -> dict[str, float]:
     def run() -> int:
         return sum(v.shape[0] for _, v in idx.chunks(SCORE_CHUNK))
 
-    med, times, _ = _timed(run, repeats)
+    med, times, _ = harness.timed(run, repeats)
     return {'stored_mb': stored, 'seconds': med, 'all_seconds': times, 'mb_s': stored / med}
 
 
@@ -203,7 +160,7 @@ def _in_memory(path: str):
     return jnp.asarray(idx.read(slice(0, len(idx))))
 
 
-def baselines(queries, train, r_inv_sqrt) -> dict[str, Callable[[], float]]:
+def baselines(queries, train, r_inv_sqrt) -> dict[str, Callable[[], None]]:
     """Plain in-memory, jit'd baselines over ``train`` split in SCORE_CHUNK-row chunks.
 
     Without r_inv_sqrt: 'matmul' (queries @ chunk.T only) and 'matmul_topk' (plus a
@@ -212,7 +169,7 @@ def baselines(queries, train, r_inv_sqrt) -> dict[str, Callable[[], float]]:
     The queries are already transformed (as the library does once per call).
 
     Returns:
-      name -> a function running that baseline once (compiled) and returning seconds.
+      name -> a function running that baseline once (already compiled), to completion.
     """
     import jax
     import jax.numpy as jnp
@@ -255,34 +212,32 @@ def baselines(queries, train, r_inv_sqrt) -> dict[str, Callable[[], float]]:
     out = {}
     for name, fn in runs.items():
         fn(chunks[:1])  # compile (all chunks have the same shape)
-
-        def timed(fn=fn) -> float:
-            t0 = time.perf_counter()
-            fn(chunks)
-            return time.perf_counter() - t0
-
-        out[name] = timed
+        out[name] = lambda fn=fn: fn(chunks)
     return out
 
 
 def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str, float]:
-    """Where ``score`` (no Hessian, unit norm) spends its time, from its own pieces.
+    """Where ``score`` (no preconditioner, unit norm) spends its time, from its own pieces.
 
     read: iterating ``streaming.stream_rows`` as ``score`` does (TensorStore read, rows
       ordered by id rank, staging as jax arrays), each chunk dropped once staged.
-    step: the jit'd ``make_chunk_scorer`` step over chunks already staged in memory.
+    step: the jit'd ``make_chunk_scorer(mesh, K, 'none', True)`` step over chunks already
+      staged in memory.
     step_no_norm: the same step built with unit_norm=False (step - step_no_norm is the
       cost of normalising the train rows).
-    compile: lowering + compiling the step (``score`` builds a new jit on every call).
+    compile: lowering + compiling the step, JAX's caches cleared first. ``score`` pays
+      this on its first call only (its steps are cached per mesh, k, kind and
+      unit_norm); ``score_first_call_seconds`` is that first call.
     """
     import jax
-    import jax.numpy as jnp
 
     from trackstar_jax import index, scoring, streaming
+    from trackstar_jax import sharding as shd
 
     train, queries_idx = index.open(train_path), index.open(query_path)
     mesh = streaming.default_mesh()
-    rank = np.arange(len(train), dtype=np.int32)
+    rep = shd.replicated(mesh)
+    rank = scoring.id_ranks(train.ids)
     q = len(queries_idx)
 
     def chunks():
@@ -292,87 +247,102 @@ def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str,
         for chunk in chunks():
             jax.block_until_ready(chunk)
 
-    read_s, read_all_s, _ = _timed(read_all, repeats)
+    read_s, read_all_s, _ = harness.timed(read_all, repeats)
     staged = list(chunks())
-    queries = scoring.transform(jnp.asarray(queries_idx.read(slice(0, q))), None, True)
-    r_dummy = jnp.zeros((1, 1, 1), jnp.float32)
+    arrays: dict[str, Any] = {}  # the 'none' kind reads no arrays
+    queries = scoring.query_transform(mesh, 'none', True)(
+        jax.device_put(queries_idx.read(slice(0, q)), rep), arrays
+    )
 
     def fresh_best():
         return (
-            jnp.full((q, K), -jnp.inf, jnp.float32),
-            jnp.full((q, K), np.iinfo(np.int32).max, jnp.int32),
-            jnp.full((q, K), -1, jnp.int32),
+            jax.device_put(np.full((q, K), -np.inf, np.float32), rep),
+            jax.device_put(np.full((q, K), np.iinfo(np.int32).max, np.int32), rep),
+            jax.device_put(np.full((q, K), -1, np.int32), rep),
         )
 
     out = {'read_s': read_s, 'read_all_s': read_all_s}
     for name, unit_norm in (('step', True), ('step_no_norm', False)):
-        step = scoring.make_chunk_scorer(mesh, K, False, unit_norm)
+        step = scoring.make_chunk_scorer(mesh, K, 'none', unit_norm)
         vecs, valid, rows, ranks = staged[0]
-        t0 = time.perf_counter()
-        step.lower(*fresh_best(), queries, vecs, valid, ranks, rows, r_dummy).compile()
         if unit_norm:
-            out['compile_s'] = time.perf_counter() - t0
+            # score has compiled this step already: drop JAX's in-process caches so
+            # this is a real lowering + compile (the step recompiles below, untimed).
+            jax.clear_caches()
+            _, out['compile_s'] = harness.compile_timed(
+                step, *fresh_best(), queries, vecs, valid, ranks, rows, arrays
+            )
 
         def run_steps(step=step):
             best = fresh_best()
             for vecs, valid, rows, ranks in staged:
-                best = step(*best, queries, vecs, valid, ranks, rows, r_dummy)
+                best = step(*best, queries, vecs, valid, ranks, rows, arrays)
             jax.block_until_ready(best)
 
         run_steps()
-        out[f'{name}_s'], out[f'{name}_all_s'], _ = _timed(run_steps, repeats)
+        out[f'{name}_s'], out[f'{name}_all_s'], _ = harness.timed(run_steps, repeats)
     return out
 
 
 def bench_scoring(
     query_path: str,
     train_path: str,
-    h,
+    precond,
     repeats: int,
-    hessian_repeats: int,
+    precond_repeats: int,
     breakdown: bool,
 ) -> dict[str, Any]:
-    """Library score vs in-memory baselines for one (Q, D, N), with and without ``h``.
+    """Library score vs in-memory baselines for one (Q, D, N), without and with ``precond``.
 
-    Each repeat runs ``score`` and then its baselines, and ratios are medians of the
-    per-repeat ratios (a busy machine skews both sides alike). With a Hessian the plain
-    matmul baselines are those of the no-Hessian repeats (same sizes, same cost).
+    A first ``score`` call per configuration compiles the library's cached steps (its
+    seconds are kept apart as ``score_first_call_seconds``); then score and its
+    baselines run interleaved (``harness.interleaved``), and ratios are medians of the
+    per-repeat ratios (a busy machine skews both sides alike). With R^-1/2 the plain
+    matmul baselines are those of the no-preconditioner repeats (same sizes, same cost).
     """
     import jax.numpy as jnp
 
-    from trackstar_jax import index, scoring
+    from trackstar_jax import index, pipeline, scoring
+    from trackstar_jax import preconditioners as precond_lib
 
     n = len(index.open(train_path))
     train = _in_memory(train_path)
     q_raw = _in_memory(query_path)
-    r = jnp.asarray(h.r_inv_sqrt)
+    r = jnp.asarray(precond.arrays['r_inv_sqrt'])
+    config = pipeline.ScoreConfig(k=K, unit_norm=True, chunk_rows=SCORE_CHUNK)
     out: dict[str, Any] = {}
     plain: dict[str, Any] = {}
-    for label, hess, reps in (('no_hessian', None, repeats), ('hessian', h, hessian_repeats)):
-        q = scoring.transform(q_raw, r if hess is not None else None, True)
-        base_fns = baselines(q, train, None if hess is None else r)
-        runs = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            scoring.score(query_path, train_path, hessian=hess, k=K, unit_norm=True)
-            run = {'score': time.perf_counter() - t0}
-            run.update({name: fn() for name, fn in base_fns.items()})
-            runs.append(run)
-        if hess is None:
-            plain = {name: [r_[name] for r_ in runs] for name in base_fns}
-        score_s = _median([r_['score'] for r_ in runs])
-        base = {name: _median(ts) for name, ts in plain.items()}
-        base.update({name: _median([r_[name] for r_ in runs]) for name in base_fns})
+    for label, m, reps in (('no_hessian', None, repeats), ('hessian', precond, precond_repeats)):
+        kind = 'none' if m is None else m.kind
+        arrays = {} if m is None else {'r_inv_sqrt': r}
+        q = scoring.transform(q_raw, precond_lib.get(kind).apply, arrays, True)
+        base_fns = baselines(q, train, None if m is None else r)
+
+        def score(m=m):
+            return pipeline.score(query_path, train_path, m, config)
+
+        t0 = time.perf_counter()
+        score()
+        first_s = time.perf_counter() - t0
+        times = harness.interleaved({'score': score, **base_fns}, reps)
+        runs = [{name: ts[i] for name, ts in times.items()} for i in range(reps)]
+        if m is None:
+            plain = {name: times[name] for name in base_fns}
+        score_s = harness.median(times['score'])
+        base = {name: harness.median(ts) for name, ts in plain.items()}
+        base.update({name: harness.median(times[name]) for name in base_fns})
         entry = {
+            'preconditioner': kind,
             'score_seconds': score_s,
-            'score_all_seconds': [r_['score'] for r_ in runs],
+            'score_all_seconds': times['score'],
+            'score_first_call_seconds': first_s,
             'score_rows_s': n / score_s,
             'baselines': {name: {'seconds': sec, 'rows_s': n / sec} for name, sec in base.items()},
             'runs': runs,
         }
         for name in base:
             if name in base_fns:  # same repeats: median of per-repeat ratios
-                ratio = _median([r_[name] / r_['score'] for r_ in runs])
+                ratio = harness.median(r_[name] / r_['score'] for r_ in runs)
             else:
                 ratio = base[name] / score_s
             entry[f'ratio_vs_{name}'] = ratio
@@ -436,70 +406,69 @@ def make_xtx(train, nb: int) -> Callable[[], float]:
 
 
 def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
-    """``hessian.fit`` against one in-memory XᵀX of the same rows, interleaved.
+    """``pipeline.fit`` ('mixed', λ auto) against one in-memory XᵀX of the same rows.
 
     Each repeat times the fit (or its passes) and then the XᵀX, and the ratios are the
     medians of the per-repeat ratios, so a busy machine skews both sides alike.
 
-    full: time ``hessian.fit(train, queries, lam='auto')`` end to end, its parts timed
-      inside the real call (streaming passes, eigvalsh, eigh).
+    full: time ``pipeline.fit(train, queries, FitConfig('mixed', lam='auto'))`` end to
+      end, its parts timed inside the real call (``hessian.autocorrelation`` passes,
+      ``hessian.sorted_eigs`` = eigvalsh, ``hessian.inverse_sqrt`` = eigh).
     not full (for big blocks, where the float64 eigen-decompositions take minutes): time
       the real ``hessian.autocorrelation`` passes each repeat, and once
-      ``hessian._sorted_eigs`` / ``hessian.inverse_sqrt`` on one block of the real R; the
+      ``hessian.sorted_eigs`` / ``hessian.inverse_sqrt`` on one block of the real R; the
       fit estimate is the passes plus num_blocks x (2 eigvalsh + 1 eigh), which is what
-      ``fit`` runs. The Hessian returned (for the scoring timings only) repeats block 0's
-      R^-1/2 for every block.
+      the mixed fit runs. The preconditioner returned (for the scoring timings only)
+      repeats block 0's R^-1/2 for every block.
 
     Returns:
-      (results dict, a Hessian for the scoring benchmark).
+      (results dict, a 'mixed' Preconditioner for the scoring benchmark).
     """
-    from trackstar_jax import hessian, index
+    from trackstar_jax import hessian, index, pipeline, preconditioners
 
-    train_idx = index.open(train_path)
+    train_idx, query_idx = index.open(train_path), index.open(query_path)
     n, nb = len(train_idx), len(train_idx.manifest['layout']['block_names'])
     train = _in_memory(train_path)
     xtx_run = make_xtx(train, nb)
-    runs, h, eig = [], None, None
+    config = pipeline.FitConfig(preconditioner='mixed', lam='auto')
+    runs, precond, eig = [], None, None
     for _ in range(repeats):
         if full:
-            names = ('autocorrelation', '_sorted_eigs', 'inverse_sqrt')
+            names = ('autocorrelation', 'sorted_eigs', 'inverse_sqrt')
             with _timing(hessian, names) as log:
                 t0 = time.perf_counter()
-                h = hessian.fit(train_path, query_path, lam='auto')
+                precond = pipeline.fit(train_path, query_path, config)
                 total = time.perf_counter() - t0
             run = {
                 'total': total,
                 'autocorrelation_train': log['autocorrelation'][0],
                 'autocorrelation_query': log['autocorrelation'][1],
-                'eigvalsh': sum(log['_sorted_eigs']),
+                'eigvalsh': sum(log['sorted_eigs']),
                 'eigh_inverse_sqrt': sum(log['inverse_sqrt']),
             }
         else:
             t0 = time.perf_counter()
-            r_sum, _ = hessian.autocorrelation(train_path)
+            r_sum, _ = hessian.autocorrelation(train_idx, chunk_rows=config.chunk_rows)
             ac_train = time.perf_counter() - t0
             t0 = time.perf_counter()
-            hessian.autocorrelation(query_path)
+            hessian.autocorrelation(query_idx, chunk_rows=config.chunk_rows)
             ac_query = time.perf_counter() - t0
             if eig is None:
                 r = r_sum[:1] / n
                 t0 = time.perf_counter()
-                hessian._sorted_eigs(r)
+                hessian.sorted_eigs(r)
                 eigvalsh_one = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                block = hessian.inverse_sqrt(r, 0.01).astype(np.float32)
+                block = hessian.inverse_sqrt(r, config.damping).astype(np.float32)
                 eig = {
                     'eigvalsh_one_block': eigvalsh_one,
                     'eigh_one_block': time.perf_counter() - t0,
                 }
-                h = hessian.Hessian(
-                    np.repeat(block, nb, axis=0),
-                    0.0,
-                    None,
-                    0.01,
-                    np.zeros(train_idx.dim),
-                    None,
-                    {k: train_idx.manifest[k] for k in index.VECTOR_KEYS},
+                precond = preconditioners.Preconditioner(
+                    'mixed',
+                    {'r_inv_sqrt': np.repeat(block, nb, axis=0)},
+                    {'lam': 0.0, 'k_component': None, 'damping': config.damping},
+                    {k: train_idx.manifest.get(k) for k in index.VECTOR_KEYS},
                 )
             run = {
                 'total': ac_train
@@ -518,7 +487,7 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
     del train
 
     def med(key: str, over: str | None = None) -> float:
-        return _median([r[key] / (r[over] if over else 1.0) for r in runs])
+        return harness.median(r[key] / (r[over] if over else 1.0) for r in runs)
 
     fit = {key: med(key) for key in runs[0] if key != 'xtx'}
     return {
@@ -530,7 +499,8 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
         'ratio_autocorrelation_train_vs_xtx': med('autocorrelation_train', 'xtx'),
         'ratio_fit_minus_eig_vs_xtx': med('fit_minus_eig', 'xtx'),
         'ratio_fit_total_vs_xtx': med('total', 'xtx'),
-    }, h
+        'preconditioner_info': precond.info,
+    }, precond
 
 
 # ----------------------------------------------------------------------------- memory
@@ -541,16 +511,25 @@ def child_main(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
 
-    from trackstar_jax import hessian, scoring  # noqa: F401 (the same imports for 'idle')
+    from trackstar_jax import pipeline
 
     jax.block_until_ready(jax.jit(lambda x: x @ x.T)(jnp.ones((8, 8))))
     t0 = time.perf_counter()
     if args.child == 'score':
-        scoring.score(args.query, args.train, k=K, unit_norm=True)
+        pipeline.score(args.query, args.train, None, pipeline.ScoreConfig(k=K, unit_norm=True))
     elif args.child == 'fit':
-        hessian.fit(args.train, args.query, lam='auto')
+        pipeline.fit(args.train, args.query, pipeline.FitConfig(preconditioner='mixed', lam='auto'))
     seconds = time.perf_counter() - t0
-    print(json.dumps({'job': args.child, 'seconds': seconds, **_peak_rss_mb()}))
+    print(
+        json.dumps(
+            {
+                'job': args.child,
+                'seconds': seconds,
+                'maxrss_mb': harness.peak_rss_mb(),
+                **harness.proc_status(),
+            }
+        )
+    )
 
 
 def measure_child(job: str, train: str = '', query: str = '') -> dict[str, float]:
@@ -589,58 +568,19 @@ def _config(quick: bool, full_fit: bool = False) -> dict[str, Any]:
     }
 
 
-LIBRARY_FILES = ('index.py', 'streaming.py', 'scoring.py', 'hessian.py', 'sharding.py')
-
-
-def library_state() -> dict[str, Any]:
-    """Hash of the library files this benchmark exercises, the git commit, and dirtiness."""
-    import hashlib
-
-    import trackstar_jax
-
-    pkg = os.path.dirname(os.path.abspath(trackstar_jax.__file__))
-    h = hashlib.sha256()
-    for name in LIBRARY_FILES:
-        with open(os.path.join(pkg, name), 'rb') as f:
-            h.update(f.read())
-    state: dict[str, Any] = {'path': pkg, 'sha256': h.hexdigest()[:16]}
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        git = ['git', '-C', os.path.dirname(pkg)]
-        state['commit'] = subprocess.run(
-            [*git, 'rev-parse', 'HEAD'], check=True, capture_output=True, text=True
-        ).stdout.strip()
-        state['dirty'] = bool(
-            subprocess.run(
-                [*git, 'status', '--porcelain', '--', pkg],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-        )
-    return state
-
-
-def _devices() -> str:
-    import jax
-
-    devs = jax.devices()
-    return f'{len(devs)} x {devs[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs'
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; returns the results dict (also written to ``args.out``)."""
-    import jax
-
+    device = harness.device_info()
     cfg = _config(args.quick, args.full_fit)
     root = tempfile.mkdtemp(prefix='pipeline_bench_', dir=args.workdir)
     results: dict[str, Any] = {
-        'command': ' '.join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
-        'jax_version': jax.__version__,
-        'device': _devices(),
-        'platform': platform.platform(),
-        'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'benchmark': 'pipeline',
+        'command': harness.command_line(),
+        'timestamp': harness.timestamp(),
+        'jax_version': device['jax_version'],
+        'device': device,
         'quick': args.quick,
-        'library': library_state(),
+        'library': harness.library_fingerprint(LIBRARY_FILES),
         'config': {**cfg, 'k': K, 'score_chunk_rows': SCORE_CHUNK, 'store_chunk_rows': STORE_CHUNK},
     }
     t_start = time.perf_counter()
@@ -649,7 +589,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def template(block_dim: int) -> dict[str, Any]:
             if block_dim not in templates:
-                templates[block_dim] = template_manifest(block_dim, root)
+                templates[block_dim] = template_manifest(block_dim)
             return templates[block_dim]
 
         # 1 + 3: scoring and fit, per D.
@@ -674,7 +614,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 qpaths[q] = os.path.join(root, f'queries_d{d}_q{q}')
                 write_synthetic(qpaths[q], tm, q, seed=100 + q)
             bd = sc['block_dim']
-            fit, h = bench_fit(
+            fit, precond = bench_fit(
                 train_path, qpaths[max(qpaths)], cfg['fit_repeats'][bd], cfg['full_fit'][bd]
             )
             results['fit'].append(
@@ -685,7 +625,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 s = bench_scoring(
                     qpaths[q],
                     train_path,
-                    h,
+                    precond,
                     cfg['repeats'],
                     cfg['hessian_repeats'],
                     breakdown=True,
@@ -693,7 +633,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results['scoring'].append({'dim': d, 'n': n, 'queries': q, **s})
                 _log(
                     f'score D={d} Q={q}: {s["no_hessian"]["score_rows_s"]:.0f} rows/s '
-                    f'(x{s["no_hessian"]["ratio_vs_matmul"]:.2f} of matmul), with H '
+                    f'(x{s["no_hessian"]["ratio_vs_matmul"]:.2f} of matmul), with R^-1/2 '
                     f'{s["hessian"]["score_rows_s"]:.0f} rows/s'
                 )
             shutil.rmtree(train_path)
@@ -741,8 +681,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     results['wall_seconds'] = time.perf_counter() - t_start
-    end = library_state()
-    results['library']['changed_during_run'] = end['sha256'] != results['library']['sha256']
+    end = harness.library_fingerprint(LIBRARY_FILES)
+    results['library']['changed_during_run'] = harness.changed_during_run(results['library'], end)
     return results
 
 
@@ -753,14 +693,17 @@ def _log(msg: str) -> None:
 def report(res: dict[str, Any]) -> str:
     """A readable table of the results."""
     lines = [
-        f'pipeline benchmark  ({res["device"]}, jax {res["jax_version"]}, {res["timestamp"]})',
+        f'pipeline benchmark  ({res["device"]["summary"]}, jax {res["jax_version"]}, '
+        f'{res["timestamp"]})',
         f'command: {res["command"]}',
-        f'library: {res["library"].get("commit", "?")[:10]} sha256 {res["library"]["sha256"]}'
-        f'{" (uncommitted changes)" if res["library"].get("dirty") else ""}'
+        f'library: {res["library"].get("git_commit", "?")[:10]} '
+        f'sha256 {res["library"].get("source_sha256")}'
+        f'{" (uncommitted changes)" if res["library"].get("library_dirty") else ""}'
         f'{"  CHANGED DURING RUN" if res["library"].get("changed_during_run") else ""}',
         '',
-        '1. score (k=10, unit_norm) train rows/s; ratio = baseline time / score time',
-        f'{"D":>6} {"N":>6} {"Q":>4} {"H":>3} {"score":>9} {"matmul":>9} {"mm+topk":>9} '
+        '1. score (k=10, unit_norm) train rows/s; R: mixed R^-1/2 preconditioner; '
+        'ratio = baseline time / score time',
+        f'{"D":>6} {"N":>6} {"Q":>4} {"R":>3} {"score":>9} {"matmul":>9} {"mm+topk":>9} '
         f'{"same":>9} {"vs mm":>6} {"vs mm+k":>7} {"vs same":>7}',
     ]
     for s in res['scoring']:
@@ -776,10 +719,10 @@ def report(res: dict[str, Any]) -> str:
                 f'{e["ratio_vs_matmul"]:>6.2f} {e["ratio_vs_matmul_topk"]:>7.2f} '
                 f'{e.get("ratio_vs_same_math", float("nan")):>7.2f}'
             )
-    lines += ['', '   score time split (no Hessian; seconds for all N rows):']
+    lines += ['', '   score time split (no preconditioner; seconds for all N rows):']
     lines.append(
         f'{"D":>6} {"Q":>4} {"score":>7} {"read":>7} {"step":>7} {"no_norm":>7} {"matmul":>7} '
-        f'{"compile":>7}'
+        f'{"compile":>7} {"1st call":>8}'
     )
     for s in res['scoring']:
         e = s['no_hessian']
@@ -788,7 +731,8 @@ def report(res: dict[str, Any]) -> str:
             lines.append(
                 f'{s["dim"]:>6} {s["queries"]:>4} {e["score_seconds"]:>7.2f} {b["read_s"]:>7.2f} '
                 f'{b["step_s"]:>7.2f} {b["step_no_norm_s"]:>7.2f} '
-                f'{e["baselines"]["matmul"]["seconds"]:>7.2f} {b["compile_s"]:>7.2f}'
+                f'{e["baselines"]["matmul"]["seconds"]:>7.2f} {b["compile_s"]:>7.2f} '
+                f'{e["score_first_call_seconds"]:>8.2f}'
             )
     lines += ['', '2. index I/O (TensorStore zarr3, stored MB/s; reads hit the page cache)']
     for kind in ('write', 'read'):
@@ -854,13 +798,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     res = run(args)
     out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)),
-        'results',
-        'pipeline_quick.json' if args.quick else 'pipeline.json',
+        harness.RESULTS_DIR, 'pipeline_quick.json' if args.quick else 'pipeline.json'
     )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, 'w') as f:
-        json.dump(res, f, indent=1)
+    harness.write_result(out, res)
     print(report(res))
     print(f'results: {out}')
 

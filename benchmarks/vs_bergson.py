@@ -10,10 +10,11 @@ other (never concurrently), each in its own child process:
   get the same token ids (JSONL), so tokenisation cannot differ.
 * ours (``--side=ours``, JAX): the model imported by ``launch/import_checkpoint.py`` with
   V from ``launch/estimate_second_moments.py``; the fused kernel indexes the passages
-  and the queries, ``hessian.fit`` fits the mixed R (λ auto, damping 0.01), and
-  ``scoring.score`` takes the exact top-10 with unit norm. Projection per layer matched
-  to Bergson's: 2 blocks (attention, MLP) of 30 x 30 per layer = 1,800 dims per layer,
-  54,000 in all; Bergson: 7 Linear modules of 16 x 16 per layer = 1,792, 53,760 in all.
+  and the queries (``pipeline.featurize``), ``pipeline.fit`` fits the mixed R (λ auto,
+  damping 0.01), and ``pipeline.score`` takes the exact top-10 with unit norm.
+  Projection per layer matched to Bergson's: 2 blocks (attention, MLP) of 30 x 30 per
+  layer = 1,800 dims per layer, 54,000 in all; Bergson: 7 Linear modules of 16 x 16
+  per layer = 1,792, 53,760 in all.
 * ours, train step (``--side=ours_train``): the same model's Adafactor step on a
   [batch, seq_len] batch of the passages, in its own process.
 * Bergson (``benchmarks/bergson_side/run_bergson.py`` in its own virtualenv): ``bergson
@@ -40,36 +41,41 @@ Setup (once; the Bergson virtualenv never touches the project's)::
 
 Run::
 
-    PYTHONPATH=. python benchmarks/vs_bergson.py
+    python benchmarks/vs_bergson.py
 
-Writes ``benchmarks/results/vs_bergson.json`` (both tools' full outputs, the command).
+Writes ``benchmarks/results/vs_bergson.json`` (``--out`` elsewhere): both tools' full
+outputs, the command line and the library fingerprint.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, 'results')
+import harness  # puts the repository root on sys.path
 
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM), MiB."""
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+HERE = harness.HERE
+ROOT = harness.ROOT
+LIBRARY_PATHS = (
+    'grads',
+    'models',
+    'index.py',
+    'pipeline.py',
+    'preconditioners.py',
+    'hessian.py',
+    'scoring.py',
+    'streaming.py',
+    'sharding.py',
+    'train.py',
+    'jobs/common.py',
+    'data',
+)
 
 
 # ----------------------------------------------------------------------------- data
@@ -77,7 +83,6 @@ def _peak_rss_mb() -> float:
 
 def make_data(checkpoint: str, num_passages: int, seq_len: int, num_queries: int, out: str):
     """Writes passages.jsonl and queries.jsonl (token ids) under ``out``."""
-    sys.path.insert(0, ROOT)
     from trackstar_jax.data import corpus as corpus_lib
     from trackstar_jax.data import examples as examples_lib
     from trackstar_jax.eval import fact_tracing
@@ -143,10 +148,9 @@ def _batches(rows: list[dict], key_mask: str | None) -> list[dict[str, Any]]:
 
 def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Our pipeline on the JSONL data, phases timed; top-k per query."""
-    sys.path.insert(0, ROOT)
     import jax
 
-    from trackstar_jax import grads, hessian, index, scoring
+    from trackstar_jax import grads, pipeline
     from trackstar_jax import sharding as shd
     from trackstar_jax.jobs import common
 
@@ -172,31 +176,25 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     work = os.path.join(args.workdir, 'ours')
     seq_len, qlen = len(passages[0]['tokens']), len(queries[0]['tokens'])
 
+    def index_config(length: int) -> pipeline.IndexConfig:
+        return pipeline.IndexConfig(
+            seq_len=length, batch_size=args.batch_size, chunk_rows=args.batch_size * 4
+        )
+
     t = time.perf_counter()
-    train = index.build(
-        feat,
-        passages,
-        os.path.join(work, 'train'),
-        batch_size=args.batch_size,
-        chunk_rows=args.batch_size * 4,
-        seq_len=seq_len,
-    )
+    train = pipeline.featurize(feat, passages, os.path.join(work, 'train'), index_config(seq_len))
     phases['index_passages'] = time.perf_counter() - t
     t = time.perf_counter()
-    qi = index.build(
-        feat,
-        queries,
-        os.path.join(work, 'queries'),
-        batch_size=args.batch_size,
-        chunk_rows=args.batch_size * 4,
-        seq_len=qlen,
-    )
+    qi = pipeline.featurize(feat, queries, os.path.join(work, 'queries'), index_config(qlen))
     phases['index_queries'] = time.perf_counter() - t
     t = time.perf_counter()
-    h = hessian.fit(train.path, qi.path, lam='auto', damping=0.01, mesh=mesh)
+    fit_config = pipeline.FitConfig(preconditioner='mixed', lam='auto', damping=0.01)
+    precond = pipeline.fit(train, qi, fit_config, mesh=mesh)
     phases['fit_hessian'] = time.perf_counter() - t
     t = time.perf_counter()
-    res = scoring.score(qi.path, train.path, hessian=h, k=args.k, unit_norm=True, mesh=mesh)
+    res = pipeline.score(
+        qi, train, precond, pipeline.ScoreConfig(k=args.k, unit_norm=True), mesh=mesh
+    )
     phases['score'] = time.perf_counter() - t
     tokens = len(passages) * seq_len
     pipeline = sum(v for k, v in phases.items() if k != 'load')
@@ -207,9 +205,9 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
             'spec': spec.to_dict(),
             'total_dim_D': feat.dim,
             'dims_per_layer': 2 * args.block_side**2,
-            'lambda': h.lam,
-            'k_component': h.k_component,
-            'damping': 0.01,
+            'lambda': precond.info['lam'],
+            'k_component': precond.info['k_component'],
+            'damping': fit_config.damping,
             'index_dtype': 'float32',
             'batch_size': args.batch_size,
             'normalizer': 'estimated V (launch/estimate_second_moments.py)',
@@ -217,7 +215,7 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
         'phases_s': phases,
         'index_tokens_per_s': tokens / phases['index_passages'],
         'pipeline_wall_s': pipeline,
-        'peak_rss_mb': _peak_rss_mb(),
+        'peak_rss_mb': harness.peak_rss_mb(),
         'queries': [
             {'id': int(q), 'top': [int(i) for i in ids if i != '']}  # '' pads k > N
             for q, ids in zip(res.query_ids, res.ids, strict=True)
@@ -227,7 +225,6 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 def side_ours_train(args: argparse.Namespace) -> dict[str, Any]:
     """Our Adafactor train step on [batch, seq_len] passages: tokens/s after warm-up."""
-    sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -264,7 +261,7 @@ def side_ours_train(args: argparse.Namespace) -> dict[str, Any]:
         'tokens_per_s': batch['tokens'].size / med,
         'batch': list(batch['tokens'].shape),
         'optimizer': 'optax adafactor (factored), the trainer step',
-        'process_peak_rss_mb': _peak_rss_mb(),
+        'process_peak_rss_mb': harness.peak_rss_mb(),
     }
 
 
@@ -292,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     """Runs data prep, ours, our train step and Bergson in turn; writes the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--side', choices=('driver', 'ours', 'ours_train'), default='driver')
-    ap.add_argument('--out', default=os.path.join(RESULTS, 'vs_bergson.json'))
+    ap.add_argument('--out', default=os.path.join(harness.RESULTS_DIR, 'vs_bergson.json'))
     ap.add_argument('--checkpoint', default='runs/smollm2_135m')
     ap.add_argument('--hf_model', default='/work/smollm2_hf')
     ap.add_argument('--bergson_python', default='/work/bergson_venv/bin/python')
@@ -311,12 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     args.data = args.data or os.path.join(args.workdir, 'data')
     if args.side != 'driver':
         fn = side_ours if args.side == 'ours' else side_ours_train
-        res = fn(args)
-        with open(args.out, 'w') as f:
-            json.dump(res, f, indent=1)
+        harness.write_result(args.out, fn(args), argv)
         return
 
     started = time.perf_counter()
+    library = harness.library_fingerprint(LIBRARY_PATHS)
     os.makedirs(args.workdir, exist_ok=True)
     data = make_data(args.checkpoint, args.num_passages, args.seq_len, args.num_queries, args.data)
     with open(os.path.join(args.checkpoint, 'second_moments', 'meta.json')) as f:
@@ -387,11 +383,13 @@ def main(argv: list[str] | None = None) -> None:
             'pipeline_wall_ours_over_bergson': ours['pipeline_wall_s'] / bergson['pipeline_wall_s'],
         },
     }
+    library['changed_during_run'] = harness.changed_during_run(
+        library, harness.library_fingerprint(LIBRARY_PATHS)
+    )
     result = {
-        'command': 'PYTHONPATH=. python '
-        + shlex.join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
-        'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        'host': {'cpus': os.cpu_count()},
+        'benchmark': 'vs_bergson',
+        'host': harness.host_info(),
+        'library': library,
         'data': data,
         'v_estimate': {k: v for k, v in v_meta.items() if k != 'example_ids'},
         'summary': summary,
@@ -399,9 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         'bergson': bergson,
         'total_wall_s': time.perf_counter() - started,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=1)
+    harness.write_result(args.out, result, argv)
     print(json.dumps(summary, indent=1))
     print(f'wrote {args.out}')
 

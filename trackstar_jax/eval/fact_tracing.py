@@ -419,6 +419,10 @@ def evaluate(
         'table': table,
         'dimension_sweep': [{'method': n, 'dim': d, **table[n]['all']} for n, d in sweep_rows],
         'rankings': rankings,
+        'outputs': {
+            name: os.path.join(workdir, name)
+            for name in ('results.json', 'results.md', 'report.html', 'indices', 'preconditioners')
+        },
         'seconds': time.time() - t_start,
     }
     if jax.process_index() == 0:

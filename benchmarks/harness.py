@@ -1,0 +1,280 @@
+"""What every benchmark script shares: memory, timing, provenance and the result file.
+
+* memory: :func:`proc_status` (VmRSS / VmHWM from /proc, and ru_maxrss),
+  :func:`peak_rss_mb`, :func:`reset_peak_rss` (resets the high-water mark);
+* timing: :func:`median`, :func:`timed` (repeated calls of one function) and
+  :func:`interleaved` (several functions called round-robin, so drift on a busy machine
+  hits them alike); :func:`compile_timed`, :func:`xla_memory`, :func:`xla_flops` for a
+  jitted function's executable; :func:`record_throughput`;
+* provenance: :func:`host_info` (no JAX), :func:`device_info` (imports JAX),
+  :func:`library_fingerprint` (git commit, dirty flag, hash of the library sources);
+* :func:`write_result`: the JSON, with the command line that made it.
+
+Scripts are run as ``python benchmarks/<name>.py``, so ``import harness`` resolves here.
+Importing this module puts the repository root first on ``sys.path`` (the checkout's
+``trackstar_jax`` and ``tests`` fixtures, not an installed copy), and never imports JAX:
+a parent process that only orchestrates children stays small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS_DIR = os.path.join(HERE, 'results')
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def proc_status() -> dict[str, float]:
+    """This process's memory in MiB: 'vmrss_mb', 'vmhwm_mb' (/proc/self/status), 'ru_maxrss_mb'.
+
+    VmHWM is the high-water mark of this process's own address space. ru_maxrss
+    (getrusage) is kept for reference: Linux carries it over fork + exec, so a fresh child
+    reports at least its parent's RSS at the fork.
+    """
+    out = {'ru_maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    with contextlib.suppress(OSError), open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(('VmHWM:', 'VmRSS:')):
+                out[line.split(':')[0].lower() + '_mb'] = int(line.split()[1]) / 1024.0
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB: VmHWM, or ru_maxrss where /proc has none."""
+    status = proc_status()
+    return status.get('vmhwm_mb', status['ru_maxrss_mb'])
+
+
+def reset_peak_rss() -> bool:
+    """Resets VmHWM (and with it ru_maxrss) to the current RSS; False if not possible."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def median(xs: Iterable[float]) -> float:
+    """The median as a float."""
+    return float(statistics.median(list(xs)))
+
+
+def block_until_ready(x: Any) -> Any:
+    """``jax.block_until_ready(x)`` if JAX is already imported, else ``x``."""
+    jax = sys.modules.get('jax')
+    return jax.block_until_ready(x) if jax is not None else x
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+    """(median seconds, all seconds, last result) of ``repeats`` calls of ``fn``.
+
+    Each call's result is waited for (:func:`block_until_ready`) inside its timing.
+    """
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return median(times), times, out
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each fn per repetition, the fns called round-robin (results waited for).
+
+    Repetition i of every fn runs between repetitions i - 1 and i + 1 of the others, so
+    ratios of per-repetition times (or of medians) compare numbers taken side by side.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:
+    """(compiled executable, seconds to lower + compile) of a jitted function."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def xla_memory(compiled: Any) -> dict[str, int]:
+    """A compiled executable's memory_analysis(), in bytes; total = temp + argument + output."""
+    m = compiled.memory_analysis()
+    out = {
+        'temp_bytes': int(m.temp_size_in_bytes),
+        'argument_bytes': int(m.argument_size_in_bytes),
+        'output_bytes': int(m.output_size_in_bytes),
+        'alias_bytes': int(m.alias_size_in_bytes),
+    }
+    out['total_bytes'] = out['temp_bytes'] + out['argument_bytes'] + out['output_bytes']
+    out['total_minus_alias_bytes'] = out['total_bytes'] - out['alias_bytes']
+    return out
+
+
+def xla_flops(compiled: Any) -> float | None:
+    """XLA's flop estimate of a compiled executable (None if unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 (backend-dependent)
+        return None
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get('flops')
+    return float(flops) if flops is not None else None
+
+
+def record_throughput(
+    methods: dict[str, dict], times: Mapping[str, list[float]], batch: int, seq_len: int
+) -> None:
+    """Adds median seconds, all seconds, examples/s and tokens/s to each method's record."""
+    for name, ts in times.items():
+        med = median(ts)
+        methods.setdefault(name, {}).update(
+            seconds=med,
+            all_seconds=list(ts),
+            examples_s=batch / med,
+            tokens_s=batch * seq_len / med,
+        )
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def host_info() -> dict[str, Any]:
+    """CPU model, CPU count and platform (never imports JAX)."""
+    cpu = ''
+    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
+        for line in f:
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'platform': platform.platform()}
+
+
+def device_info() -> dict[str, Any]:
+    """JAX version, backend and devices, with :func:`host_info` (imports JAX)."""
+    import jax
+
+    devs = jax.devices()
+    return {
+        'jax_version': jax.__version__,
+        'backend': jax.default_backend(),
+        'device_kind': devs[0].device_kind,
+        'devices': [str(d) for d in devs],
+        'summary': (
+            f'{len(devs)} x {devs[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs'
+        ),
+        'host': host_info(),
+    }
+
+
+def library_fingerprint(paths: Sequence[str]) -> dict[str, Any]:
+    """A hash of the library sources a benchmark runs, and the repo's commit and dirty state.
+
+    Args:
+      paths: files or directories under ``trackstar_jax/`` (directories: every .py file).
+
+    Returns:
+      {'paths', 'source_sha256', 'git_commit', 'library_dirty'} (the git keys only where
+      git answers). Record it at the start and end of a run (and in every timing child),
+      so results taken while that code was being edited are flagged, not silently mixed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec('trackstar_jax')
+    if spec is None or spec.origin is None:
+        return {}
+    root = os.path.dirname(spec.origin)
+    digest = hashlib.sha256()
+    for rel in paths:
+        top = os.path.join(root, rel)
+        files = [top] if os.path.isfile(top) else []
+        for dirpath, dirnames, names in os.walk(top):
+            dirnames.sort()
+            files += [os.path.join(dirpath, f) for f in sorted(names) if f.endswith('.py')]
+        for path in files:
+            digest.update(os.path.relpath(path, root).encode())
+            with open(path, 'rb') as f:
+                digest.update(f.read())
+    out: dict[str, Any] = {'paths': list(paths), 'source_sha256': digest.hexdigest()[:16]}
+    repo = os.path.dirname(root)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ['git', '-C', repo]
+        out['git_commit'] = subprocess.run(
+            [*git, 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, 'status', '--porcelain', '--', *(f'trackstar_jax/{p}' for p in paths)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        out['library_dirty'] = bool(status.strip())
+    return out
+
+
+def changed_during_run(*fingerprints: Mapping[str, Any]) -> bool:
+    """Whether fingerprints taken over one run disagree on the library sources."""
+    return len({f.get('source_sha256') for f in fingerprints}) > 1
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran this script, as typed from the repository root.
+
+    Args:
+      argv: the arguments after the script (default: ``sys.argv[1:]``).
+    """
+    script = os.path.abspath(sys.argv[0])
+    with contextlib.suppress(ValueError):
+        if os.path.commonpath([script, ROOT]) == ROOT:
+            script = os.path.relpath(script, ROOT)
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(['python', script, *args])
+
+
+def timestamp() -> str:
+    """Now, UTC, ISO 8601."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def write_result(path: str, result: Mapping[str, Any], argv: Sequence[str] | None = None) -> str:
+    """Writes ``result`` as JSON at ``path`` (atomically), led by its command and time.
+
+    ``command`` (see :func:`command_line`) and ``timestamp`` are added unless ``result``
+    already has them. Returns ``path``.
+    """
+    out = {'command': command_line(argv), 'timestamp': timestamp(), **result}
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(out, f, indent=1)
+        f.write('\n')
+    os.replace(tmp, path)
+    return path
