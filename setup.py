@@ -23,6 +23,9 @@ EXTRAS = {
     'eval': ['bm25s>=0.3,<0.4', 'matplotlib>=3.8', 'safetensors>=0.4', 'tokenizers>=0.19'],
     # Importing GGUF checkpoints (launch/import_checkpoint.py).
     'llama': ['gguf>=0.16,<1', 'tokenizers>=0.19'],
+    # The TPU compiler: AOT-compiles for TPU topologies on any machine (launch/compile.py),
+    # and runs on TPU VMs.
+    'tpu': ['jax[tpu]>=0.10.0,<0.11'],
     'dev': ['pytest>=8', 'ruff>=0.6'],
 }
 

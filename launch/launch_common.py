@@ -58,7 +58,7 @@ def run(job: Callable[..., Any], default_gin: str, config_name: str) -> None:
         gin_utils.write_config(_WORKDIR.value, config_name)
         result = job(workdir=_WORKDIR.value)
         gin_utils.write_config(_WORKDIR.value, config_name, operative=True)
-        if result is not None and not isinstance(result, dict):
+        if isinstance(result, str):  # a job that wrote one thing says where
             print(result)
 
     app.run(main, argv=sys.argv)

@@ -12,7 +12,9 @@ from trackstar_jax import gin_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP_LEVEL = sorted(
-    os.path.basename(p) for p in glob.glob(os.path.join(gin_utils.GIN_CONFIG_DIR, '*.gin'))
+    os.path.relpath(p, gin_utils.GIN_CONFIG_DIR)
+    for pattern in ('*.gin', 'scale/*.gin')
+    for p in glob.glob(os.path.join(gin_utils.GIN_CONFIG_DIR, pattern))
 )
 
 

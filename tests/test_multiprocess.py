@@ -35,8 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(worker: str, args: list[str], timeout: int = 300) -> None:
-    """Runs a worker script as processes 0 and 1 and fails with their logs if either does."""
+def run_workers(
+    worker: str, args: list[str], timeout: int = 300, num_processes: int = 2, victim=None
+) -> list[int]:
+    """Runs a worker script as processes 0..n-1 and fails with their logs if one fails.
+
+    With ``victim``, that process is expected to kill itself: once it has died the
+    others (blocked on it) are killed too, and the return codes are returned.
+    """
     port = str(free_port())
     env = {
         **os.environ,
@@ -56,8 +62,18 @@ def run_workers(worker: str, args: list[str], timeout: int = 300) -> None:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for i in range(2)
+        for i in range(num_processes)
     ]
+    if victim is not None:
+        try:
+            out = procs[victim].communicate(timeout=timeout)[0]
+        finally:
+            for q in procs:
+                q.kill()
+        for q in procs:
+            q.communicate()
+        assert procs[victim].returncode == -9, out[-4000:]
+        return [p.returncode for p in procs]
     outs = []
     for p in procs:
         try:
@@ -68,6 +84,7 @@ def run_workers(worker: str, args: list[str], timeout: int = 300) -> None:
             raise
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, f'worker failed ({p.returncode}):\n{out[-4000:]}'
+    return [p.returncode for p in procs]
 
 
 def test_two_process_step_equals_one_process(tmp_path):
@@ -115,3 +132,50 @@ def test_two_process_index_and_scores_equal_one_process(tmp_path):
     assert float(got['lam']) == pytest.approx(h.info['lam'], rel=1e-4)
     np.testing.assert_array_equal(got['rows'], res.rows)
     np.testing.assert_allclose(got['scores'], res.scores, rtol=1e-5)
+
+
+PIPELINE4_WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'pipeline4_worker.py')
+
+
+def test_four_processes_equal_one_read_their_rows_and_survive_a_kill(tmp_path):
+    """4 processes x 2 devices: each builds only its own rows; the index, R and top-k
+    equal one process's; one process SIGKILLed mid-index and all restarted with the same
+    command finish an index byte-identical to an uninterrupted run."""
+    import json
+
+    from tests import pipeline_fixtures as fx
+    from trackstar_jax import index, pipeline
+
+    clean = tmp_path / 'clean'
+    clean.mkdir()
+    run_workers(PIPELINE4_WORKER, [str(clean), '-1'], timeout=600, num_processes=4)
+    # 45 rows in chunks of 4: process p owns chunks p, p + 4, p + 8 (the last has 1 row).
+    made = [json.load(open(clean / f'rows_{p}.json'))['rows_made'] for p in range(4)]
+    assert made == [12, 12, 12, 9]
+
+    mesh = shd.make_mesh((('data', 4), ('model', 2)))
+    feat = fx.featurizer(mesh)
+    one = fx.build_index(feat, fx.train_examples(45), tmp_path / 'one', chunk_rows=4)
+    q_one = fx.build_index(feat, fx.query_examples(6), tmp_path / 'q_one', chunk_rows=4)
+    four = index.open(str(clean / 'train'))
+    assert four.ids == one.ids
+    a = one.read(slice(0, 45))
+    np.testing.assert_allclose(four.read(slice(0, 45)), a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+    m = pipeline.fit(one, q_one, pipeline.FitConfig(chunk_rows=16), mesh=mesh)
+    res = pipeline.score(q_one, one, m, pipeline.ScoreConfig(k=5, chunk_rows=16), mesh=mesh)
+    got = np.load(clean / 'result.npz')
+    np.testing.assert_array_equal(got['rows'], res.rows)
+    np.testing.assert_allclose(got['scores'], res.scores, rtol=1e-5)
+
+    killed = tmp_path / 'killed'
+    killed.mkdir()
+    run_workers(PIPELINE4_WORKER, [str(killed), '2'], timeout=600, num_processes=4, victim=1)
+    with pytest.raises(RuntimeError, match='incomplete'):
+        index.open(str(killed / 'train'))
+    run_workers(PIPELINE4_WORKER, [str(killed), '-1'], timeout=600, num_processes=4)
+    resumed, ref = index.open(str(killed / 'train')), index.open(str(clean / 'train'))
+    assert resumed.ids == ref.ids
+    np.testing.assert_array_equal(resumed.read(slice(0, 45)), ref.read(slice(0, 45)))
+    np.testing.assert_array_equal(resumed.norms(), ref.norms())
+    np.testing.assert_array_equal(resumed.num_targets(), ref.num_targets())
+    np.testing.assert_array_equal(np.load(killed / 'result.npz')['rows'], got['rows'])

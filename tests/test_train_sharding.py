@@ -103,3 +103,31 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     assert v_row.shape == (64,)
     assert checkpoint.fingerprint(restored.params) == checkpoint.fingerprint(state_a.params)
     del fresh
+
+
+def test_fingerprint_is_sharding_invariant_content_sensitive_and_stays_on_device():
+    from tests import pipeline_fixtures as fx
+
+    _, params, _ = fx.model_and_state()
+    one = checkpoint.fingerprint(params)
+    mesh = shd.make_mesh(((shd.DATA, 2), (shd.MODEL, 4)))
+    sharded = jax.tree.map(
+        lambda x: (
+            jax.device_put(x, shd.logical_sharding(mesh, *([None] * (x.ndim - 1)), shd.MLP))
+            if x.ndim and x.shape[-1] % 4 == 0
+            else x
+        ),
+        params,
+    )
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded))
+    assert checkpoint.fingerprint(sharded) == one
+    # One bit of one value changes it.
+    leaves, tree = jax.tree.flatten(params)
+    bits = np.asarray(leaves[0]).view(np.uint32).copy()
+    bits.flat[3] ^= 1
+    leaves[0] = bits.view(np.float32)
+    assert checkpoint.fingerprint(jax.tree.unflatten(tree, leaves)) != one
+    # The digest itself needs no device-to-host copy; only its 2 words per leaf come back.
+    with jax.transfer_guard_device_to_host('disallow'):
+        digest = checkpoint.param_digest(sharded)
+    assert all(np.asarray(d).shape == (2,) for d in jax.tree.leaves(digest))

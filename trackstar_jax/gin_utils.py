@@ -14,16 +14,19 @@ from collections.abc import Sequence
 import gin
 import jax
 
+from trackstar_jax import compile as compile_lib
 from trackstar_jax import grads, pipeline, train
 from trackstar_jax.eval import fact_tracing
-from trackstar_jax.jobs import attribution, train_lm  # noqa: F401 (registers the jobs)
-from trackstar_jax.models import decoder
+from trackstar_jax.jobs import aot, attribution, train_lm  # noqa: F401 (registers the jobs)
+from trackstar_jax.models import decoder, llama
 
 GIN_CONFIG_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin_configs'
 )
 
 DecoderConfig = gin.external_configurable(decoder.DecoderConfig, module='trackstar_jax')
+LlamaConfig = gin.external_configurable(llama.LlamaConfig, module='trackstar_jax')
+CompileConfig = gin.external_configurable(compile_lib.CompileConfig, module='trackstar_jax')
 TrainConfig = gin.external_configurable(train.TrainConfig, module='trackstar_jax')
 GradientSpec = gin.external_configurable(grads.GradientSpec, module='trackstar_jax')
 IndexConfig = gin.external_configurable(pipeline.IndexConfig, module='trackstar_jax')

@@ -44,7 +44,8 @@ def apply_blocks(mats: jax.Array, vectors: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnums=(2, 3))
-def _add_outer(acc: jax.Array, vecs: jax.Array, nb: int, db: int) -> jax.Array:
+def add_outer(acc: jax.Array, vecs: jax.Array, nb: int, db: int) -> jax.Array:
+    """acc + Σ_rows φ_b φ_bᵀ per block (one streaming step of R)."""
     v = vecs.reshape(vecs.shape[0], nb, db)
     return acc + jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
 
@@ -60,7 +61,7 @@ def autocorrelation(
     t0 = time.time()
     for i, (vecs, *_) in enumerate(streaming.stream_rows(idx, mesh, chunk_rows)):
         jax.block_until_ready(acc)  # at most two chunks in flight: flat memory
-        acc = _add_outer(acc, vecs, nb, db)  # padding rows are zero: they add nothing
+        acc = add_outer(acc, vecs, nb, db)  # padding rows are zero: they add nothing
         if i % 16 == 0:
             done = min((i + 1) * chunk_rows, len(idx))
             logging.info(

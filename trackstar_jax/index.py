@@ -38,7 +38,7 @@ import numpy as np
 import tensorstore as ts
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model_fingerprint from the on-device param digest
 # Manifest keys that change the vectors: query and train indices must agree on them.
 VECTOR_KEYS = ('model_fingerprint', 'correction_fingerprint', 'spec', 'layout', 'dim')
 # Keys the storage itself sets; a resumed writer compares everything else.

@@ -148,7 +148,7 @@ def open_index(index: Index | str) -> Index:
 
 def featurize(
     featurizer: Featurizer,
-    examples: Sequence[Mapping[str, Any]],
+    examples: Sequence[Mapping[str, Any]] | examples_lib.ExampleSource,
     url: str,
     config: IndexConfig = IndexConfig(),
     *,
@@ -163,7 +163,9 @@ def featurize(
 
     Args:
       featurizer: the kernel (its mesh decides the sharding).
-      examples: {'id', 'tokens', 'loss_mask'} (equal lengths <= config.seq_len).
+      examples: {'id', 'tokens', 'loss_mask'} (equal lengths <= config.seq_len), or an
+        ``ExampleSource`` that makes them on demand: each process then builds only the
+        rows it featurizes.
       url: the index URL.
       config: sequence length, batch, chunk and storage dtype.
       manifest_extra: more manifest entries (checkpoint path, step, source, ...).
@@ -172,7 +174,8 @@ def featurize(
     Returns:
       The finished index.
     """
-    ids = [str(ex['id']) for ex in examples]
+    source = examples_lib.as_source(examples)
+    ids = source.ids
     manifest = manifest_for(featurizer, config.seq_len, manifest_extra)
     create = dict(dim=featurizer.dim, dtype=config.dtype, chunk_rows=config.chunk_rows)
     procs, me = jax.process_count(), jax.process_index()
@@ -202,7 +205,7 @@ def featurize(
     for i, step in enumerate(todo):
         chunk = step * procs + me
         start, stop = writer.rows(chunk) if chunk < writer.num_chunks else (n, n)
-        mine = list(examples[start:stop])
+        mine = source.rows(start, stop)
         length = config.seq_len
         if procs == 1:
             # Only to the chunk's longest example: short examples cost their length.

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from trackstar_jax import hessian
@@ -218,6 +219,11 @@ def fit(
     arrays, info, diagnostics = kind.fit(
         train, queries if kind.uses_queries else None, config, mesh
     )
+    if jax.process_count() > 1:
+        # Every host ran the same float64 decompositions; take process 0's result rather
+        # than assume they are bit-identical, so every host scores with the same M.
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        arrays = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(arrays))
     logging.info('Preconditioner %s fit on %s: %s', kind.name, train.path, info)
     return Preconditioner(kind.name, arrays, info, _vector_keys(train.manifest), diagnostics)
 

@@ -110,3 +110,50 @@ def pad_batch(
         tokens[i, : len(t)] = t
         mask[i, : len(m)] = m
     return {'tokens': tokens, 'loss_mask': mask}
+
+
+class ExampleSource:
+    """Examples made on demand: every id up front, tokens only for the rows asked for.
+
+    A job of P processes indexes its rows only (``pipeline.featurize`` asks each process
+    for its own chunks), so with a source each host tokenises only its share of the
+    corpus. ``rows_made`` counts the rows this process has built.
+    """
+
+    def __init__(self, ids: Sequence[str], make: Any):
+        """``make(start, stop)`` returns the examples of rows [start, stop)."""
+        self.ids = [str(i) for i in ids]
+        self._make = make
+        self.rows_made = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """The examples of rows [start, stop)."""
+        stop = min(stop, len(self.ids))
+        if stop <= start:
+            return []
+        out = list(self._make(start, stop))
+        if [str(ex['id']) for ex in out] != self.ids[start:stop]:
+            raise ValueError(f'Source rows [{start}, {stop}) do not carry their ids.')
+        self.rows_made += len(out)
+        return out
+
+
+def as_source(examples: Sequence[Mapping[str, Any]] | ExampleSource) -> ExampleSource:
+    """A source over ``examples`` (already made examples are served as they are)."""
+    if isinstance(examples, ExampleSource):
+        return examples
+    examples = list(examples)
+    return ExampleSource([ex['id'] for ex in examples], lambda a, b: examples[a:b])
+
+
+def corpus_source(
+    records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, seq_len: int
+) -> ExampleSource:
+    """Passage examples of corpus records, tokenised only when a process asks for them."""
+    return ExampleSource(
+        [r['id'] for r in records],
+        lambda a, b: corpus_examples(records[a:b], tokenizer, seq_len),
+    )

@@ -145,10 +145,13 @@ class Featurizer:
             out_shardings=rep,
         )()
         self.constants = (self.corrections, projections)
-        self._fused = self._jit(
-            lambda p, c, t, m: kernel.fused_features(
-                model, p, t, m, self.layout, c[0], c[1], spec.output_fn, self.fused_paths
-            )
+        self._fused = fused_program(
+            model,
+            self.layout,
+            spec.output_fn,
+            self.fused_paths,
+            mesh,
+            None if mesh is None else jax.tree.map(lambda x: x.sharding, self.params),
         )
         self._reference = self._jit(
             lambda p, c, t, m: kernel.reference_features(
@@ -175,19 +178,8 @@ class Featurizer:
         return jax.tree.map(place, params)
 
     def _jit(self, fn):
-        if self.mesh is None:
-            return jax.jit(fn)
-        rows = NamedSharding(self.mesh, PartitionSpec(shd.DATA))
-        return jax.jit(
-            fn,
-            in_shardings=(
-                jax.tree.map(lambda x: x.sharding, self.params),
-                shd.replicated(self.mesh),
-                rows,
-                rows,
-            ),
-            out_shardings=NamedSharding(self.mesh, PartitionSpec(shd.DATA, None)),
-        )
+        params = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self.params)
+        return _jit_sharded(fn, self.mesh, params)
 
     def _run(self, fn, batch: Mapping[str, Any]) -> jax.Array:
         host = {k: np.asarray(batch[k]) for k in ('tokens', 'loss_mask')}
@@ -242,3 +234,36 @@ class Featurizer:
     def project(self, grad_tree: Any) -> jax.Array:
         """Correction + projection of one gradient pytree (shaped like params): [D]."""
         return self._project(kernel.tree_by_path(nn.unbox(grad_tree)), self.constants)
+
+
+def _jit_sharded(fn, mesh: Mesh | None, param_shardings: Any):
+    """jit of fn(params, constants, tokens, mask) with its shardings stated at the boundary:
+    params as given, constants replicated, examples (and the output rows) along ``data``."""
+    if mesh is None:
+        return jax.jit(fn)
+    rows = NamedSharding(mesh, PartitionSpec(shd.DATA))
+    return jax.jit(
+        fn,
+        in_shardings=(param_shardings, shd.replicated(mesh), rows, rows),
+        out_shardings=NamedSharding(mesh, PartitionSpec(shd.DATA, None)),
+    )
+
+
+def fused_program(
+    model: nn.Module,
+    layout: Layout,
+    output_fn: str,
+    fused_paths: frozenset[str],
+    mesh: Mesh | None,
+    param_shardings: Any,
+):
+    """The jit-compiled fused kernel ``(params, (corrections, projections), tokens, mask)
+    -> [B, D]``, sharded over ``mesh``: what a Featurizer runs, and what
+    :mod:`trackstar_jax.compile` lowers from abstract inputs for a target topology."""
+    return _jit_sharded(
+        lambda p, c, t, m: kernel.fused_features(
+            model, p, t, m, layout, c[0], c[1], output_fn, fused_paths
+        ),
+        mesh,
+        param_shardings,
+    )

@@ -86,7 +86,8 @@ def index_corpus(
 
     def make(tokenizer):
         records = corpus_lib.load_corpus(corpus_path, sources=sources, limit=max_examples)
-        return examples_lib.corpus_examples(records, tokenizer, config.seq_len)
+        # Tokenised lazily: each process makes only the rows it featurizes.
+        return examples_lib.corpus_source(records, tokenizer, config.seq_len)
 
     return _index_examples(
         workdir, checkpoint_dir, spec, make, config, mesh_axes, tokenizer_path, output, corpus_path
