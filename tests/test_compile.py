@@ -108,3 +108,27 @@ def test_cost_model_by_hand():
     expected_read_s = 2 * 16000 * 65536 * 2 / (32 * 1e9)
     assert read['bound'] == 'index read' and read['hosts'] == 32
     assert read['wall_hours'] == pytest.approx(expected_read_s / 3600)
+
+
+@pytest.mark.parametrize('precision', ['default', 'highest'])
+def test_kernel_precision_is_a_setting(precision):
+    """The projection matmuls carry the spec's precision into the lowered program."""
+    import dataclasses
+
+    mesh = shd.make_mesh(MESH)
+    spec = dataclasses.replace(fx.SPEC, precision=precision)
+    program, args, _ = compile_lib.index_program(DecoderLM(fx.CFG), spec, TC, mesh, _config())
+    text = program.lower(*args).as_text()
+    assert ('HIGHEST' in text) == (precision == 'highest')
+    with pytest.raises(ValueError, match='precision'):
+        dataclasses.replace(fx.SPEC, precision='fast')
+
+
+def test_r_accumulation_step_has_no_collective_and_donates():
+    """Each device adds its rows into its own partial sum: no all-reduce per chunk."""
+    mesh = shd.make_mesh(MESH)
+    _, _, layout = compile_lib.index_program(DecoderLM(fx.CFG), fx.SPEC, TC, mesh, _config())
+    step, args = compile_lib.fit_program(layout, mesh, _config(chunk_rows=64))
+    hlo = step.lower(*args).compile().as_text()
+    assert 'all-reduce' not in hlo and 'all-gather' not in hlo
+    assert 'input_output_alias' in hlo  # the running sums are updated in place

@@ -356,3 +356,43 @@ def test_estimate_second_moments_equals_brute_force():
         model, params, grads.GradientSpec(block_dim=9, num_layer_blocks=1), opt_state=est
     )
     assert rel_err(feat(b), feat.reference(b)) < 1e-4
+
+
+def test_params_and_elementwise_corrections_are_sharded_by_the_rules():
+    """Replicated inputs are placed as the logical axes say (device to device), Adam's
+    elementwise V is sharded like its parameter, and the vectors do not change."""
+    model, params, _ = trained(SHAPES['serial_gqa'])
+    tx = optax.adam(1e-3)
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(lambda x: jnp.ones_like(x) * 0.3, params), state, params)
+    spec = grads.GradientSpec(block_dim=9, num_layer_blocks=1, correction='adam')
+    b = batch(SHAPES['serial_gqa'], 'full')
+    base = np.asarray(grads.Featurizer(model, params, spec, opt_state=state)(b))
+    mesh = shd.make_mesh((('data', 4), ('model', 2)))
+    with jax.transfer_guard_device_to_host('disallow'):  # no host round trip
+        feat = grads.Featurizer(model, params, spec, opt_state=state, mesh=mesh)
+    expected = grads.featurizer.model_param_shardings(model, params, mesh)
+    for x, s in zip(jax.tree.leaves(feat.params), jax.tree.leaves(expected), strict=True):
+        assert x.sharding.is_equivalent_to(s, x.ndim)
+    wide = [p for p, c in feat.corrections.items() if c.full is not None and c.full.ndim == 2]
+    assert wide and any(not feat.corrections[p].full.sharding.is_fully_replicated for p in wide)
+    np.testing.assert_allclose(np.asarray(feat(b)), base, rtol=2e-5, atol=1e-6 * np.abs(base).max())
+
+
+def test_unsharded_params_on_a_model_axis_are_refused():
+    """A model without logical annotations would hold every param on every chip."""
+
+    class PlainLM(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            x = nn.Embed(64, 32, name='embedding')(tokens)
+            for i in range(2):
+                x = x + nn.Dense(32, name=f'layers_{i}/mlp')(nn.Dense(128)(x))
+            return nn.Dense(64, name='head')(x)
+
+    model = PlainLM()
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+    spec = grads.GradientSpec(block_dim=16, num_layer_blocks=1, correction='none')
+    grads.Featurizer(model, params, spec, mesh=shd.make_mesh((('data', 8), ('model', 1))))
+    with pytest.raises(ValueError, match='not sharded along the model axis'):
+        grads.Featurizer(model, params, spec, mesh=shd.make_mesh((('data', 4), ('model', 2))))

@@ -149,11 +149,6 @@ def _batch(mesh: Mesh, batch_size: int, seq_len: int) -> tuple[Any, Any]:
     )
 
 
-def _replicated(mesh: Mesh, tree: Any) -> Any:
-    rep = shd.replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
-
-
 def abstract_layout(model: nn.Module, spec: GradientSpec, params: Any) -> Layout:
     """The block layout of the model's params under ``spec`` (shapes only)."""
     return build_layout(
@@ -187,6 +182,14 @@ def index_program(
     projections = jax.eval_shape(
         lambda: projection.projection_pairs(spec.seed, entries, layout.side)
     )
+    rep = shd.replicated(mesh)
+    corr_shardings = featurizer_lib.correction_shardings(
+        corrections, kernel.tree_by_path(params), mesh
+    )
+    constants = (
+        _abstract(corrections, corr_shardings),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), projections),
+    )
     program = featurizer_lib.fused_program(
         model,
         layout,
@@ -194,8 +197,9 @@ def index_program(
         fused,
         mesh,
         jax.tree.map(lambda x: x.sharding, params),
+        jax.tree.map(lambda x: x.sharding, constants),
+        spec.precision,
     )
-    constants = _replicated(mesh, (corrections, projections))
     return program, (params, constants, *_batch(mesh, config.batch_size, config.seq_len)), layout
 
 
@@ -216,14 +220,18 @@ def train_program(
 
 
 def fit_program(layout: Layout, mesh: Mesh, config: CompileConfig) -> tuple[Any, tuple[Any, ...]]:
-    """One R accumulation step: a [chunk_rows, D] chunk into the per-block sums."""
+    """One R accumulation step: a [chunk_rows, D] chunk into the per-device partial sums."""
     nb, db = layout.num_blocks, layout.block_dim
     rows = NamedSharding(mesh, PartitionSpec(shd.DATA, None))
-    acc = jax.ShapeDtypeStruct((nb, db, db), jnp.float32, sharding=shd.replicated(mesh))
+    acc = jax.ShapeDtypeStruct(
+        (mesh.shape[shd.DATA], nb, db, db),
+        jnp.float32,
+        sharding=NamedSharding(mesh, PartitionSpec(shd.DATA)),
+    )
     vecs = jax.ShapeDtypeStruct(
         (_rows(config.chunk_rows, mesh), layout.dim), jnp.float32, sharding=rows
     )
-    return jax.jit(lambda a, v: hessian.add_outer(a, v, nb, db)), (acc, vecs)
+    return hessian.local_accumulator(mesh, nb, db), (acc, vecs)
 
 
 def _rows(n: int, mesh: Mesh) -> int:

@@ -5,8 +5,9 @@
     R^-1/2 per block from eigh, with damping δ_b = damping · mean eigenvalue of R_b
 
 R_train comes from the train index, R_eval from the query index, each in one
-streaming pass sharded over the mesh (per-device partial sums in float32, all-reduced
-by XLA; the eigendecompositions run in float64).
+streaming pass sharded over the mesh: every device keeps its own float32 partial sum
+(no collective per chunk), the partials are summed once at the end of the pass, and
+the eigendecompositions run in float64 on the host.
 
 λ = 'auto': the sorted (descending, all blocks pooled) eigenvalue curves of λR_eval and
 (1 − λ)R_train cross at component k, k = top_k_components · D / 65536 (the paper's
@@ -18,6 +19,7 @@ This module is the math; :mod:`trackstar_jax.preconditioners` makes it a precond
 
 from __future__ import annotations
 
+import functools
 import time
 from functools import partial
 from typing import Any
@@ -26,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from trackstar_jax import sharding as shd
 from trackstar_jax import streaming
@@ -50,6 +53,35 @@ def add_outer(acc: jax.Array, vecs: jax.Array, nb: int, db: int) -> jax.Array:
     return acc + jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
 
 
+@functools.cache
+def local_accumulator(mesh: Mesh, nb: int, db: int):
+    """The jit step adding a chunk into per-device partial sums [data, B, d_b, d_b].
+
+    Each device adds its own rows into its own partial sum (``shard_map``, no collective
+    per chunk; the running sums are donated, so updated in place); the partials are
+    combined once, at the end of the pass (:func:`autocorrelation`).
+    """
+
+    def local(acc, vecs):
+        v = vecs.reshape(vecs.shape[0], nb, db)
+        outer = jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
+        return acc + outer[None]
+
+    step = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(shd.DATA), P(shd.DATA, None)),
+        out_specs=P(shd.DATA),
+        check_vma=False,
+    )
+    return jax.jit(step, donate_argnums=0)
+
+
+@functools.cache
+def _combine(mesh: Mesh):
+    return jax.jit(lambda a: jnp.sum(a, axis=0), out_shardings=shd.replicated(mesh))
+
+
 def autocorrelation(
     idx: Index, *, mesh: Mesh | None = None, chunk_rows: int = 1024
 ) -> tuple[np.ndarray, int]:
@@ -57,11 +89,16 @@ def autocorrelation(
     mesh = mesh or streaming.default_mesh()
     nb = len(idx.manifest['layout']['block_names'])
     db = idx.manifest['layout']['block_dim']
-    acc = jax.device_put(jnp.zeros((nb, db, db), jnp.float32), shd.replicated(mesh))
+    n_data = mesh.shape[shd.DATA]
+    acc = jax.jit(
+        lambda: jnp.zeros((n_data, nb, db, db), jnp.float32),
+        out_shardings=NamedSharding(mesh, P(shd.DATA)),
+    )()
+    step = local_accumulator(mesh, nb, db)
     t0 = time.time()
     for i, (vecs, *_) in enumerate(streaming.stream_rows(idx, mesh, chunk_rows)):
         jax.block_until_ready(acc)  # at most two chunks in flight: flat memory
-        acc = add_outer(acc, vecs, nb, db)  # padding rows are zero: they add nothing
+        acc = step(acc, vecs)  # padding rows are zero: they add nothing
         if i % 16 == 0:
             done = min((i + 1) * chunk_rows, len(idx))
             logging.info(
@@ -71,7 +108,8 @@ def autocorrelation(
                 len(idx),
                 done / max(time.time() - t0, 1e-9),
             )
-    return np.asarray(jax.device_get(acc), np.float64), len(idx)
+    # One reduction over the data axis for the whole pass, then float64 on the host.
+    return np.asarray(jax.device_get(_combine(mesh)(acc)), np.float64), len(idx)
 
 
 def auto_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:

@@ -77,9 +77,15 @@ def make_mesh(
             f'Mesh {dict(zip(names, sizes, strict=True))} needs {np.prod(sizes)} devices, '
             f'have {len(devices)}.'
         )
-    return jax.make_mesh(
-        tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices
-    )
+    axis_types = (jax.sharding.AxisType.Auto,) * len(names)
+    try:
+        return jax.make_mesh(tuple(sizes), names, axis_types=axis_types, devices=devices)
+    except (NotImplementedError, AssertionError, ValueError):
+        # jax.make_mesh maps axes onto the physical torus; a shape it cannot map (an axis
+        # that splits a physical one, or TPU v4 cores listed one device each) is laid out
+        # in device order instead, which is correct but may cost collective bandwidth.
+        grid = np.array(devices, dtype=object).reshape(sizes)
+        return Mesh(grid, names, axis_types=axis_types)
 
 
 def logical_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:

@@ -18,6 +18,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -45,6 +46,9 @@ class GradientSpec:
         token embedding).
       layer_pattern: regex giving a path key's layer index (see ``layout.py``).
       attention_pattern: regex marking attention parameters.
+      precision: of the kernel's projection matmuls: 'default' (float32 on CPU; bf16
+        inputs with float32 accumulation on TPU/GPU, the fast path), 'high' or
+        'highest' (full float32 passes on accelerators, 3-6x slower on TPU).
     """
 
     block_dim: int = 4096
@@ -56,8 +60,11 @@ class GradientSpec:
     exclude: tuple[str, ...] = ('embedding',)
     layer_pattern: str = LAYER_PATTERN
     attention_pattern: str = ATTENTION_PATTERN
+    precision: str = 'default'
 
     def __post_init__(self):
+        if self.precision not in kernel.PRECISIONS:
+            raise ValueError(f'precision must be one of {sorted(kernel.PRECISIONS)}.')
         if self.correction not in correction_lib.CORRECTIONS:
             raise ValueError(f'correction must be one of {correction_lib.CORRECTIONS}.')
         if self.output_fn not in kernel.OUTPUT_FNS:
@@ -129,12 +136,14 @@ class Featurizer:
             len(unfused),
             unfused_size,
         )
-        self.params = self._place_params(params)
+        self.params = self._place_params(params, min(trace_len, 8))
         if mesh is not None:
-            # Replicated on every device of the mesh (also across processes).
-            self.corrections = jax.tree.map(
-                lambda x: jax.device_put(np.asarray(x), shd.replicated(mesh)), self.corrections
+            # Row/column factors are small: replicated. Elementwise factors are as large
+            # as their parameter: sharded like it.
+            shardings = correction_shardings(
+                self.corrections, kernel.tree_by_path(self.params), mesh
             )
+            self.corrections = jax.tree.map(_put, self.corrections, shardings)
         # P is a pure function of (seed, block, path), drawn on device once per
         # Featurizer (one compiled generator; inside every kernel it dominated compile
         # time) and kept in device memory, never written anywhere.
@@ -145,41 +154,48 @@ class Featurizer:
             out_shardings=rep,
         )()
         self.constants = (self.corrections, projections)
+        precision = kernel.PRECISIONS[spec.precision]
         self._fused = fused_program(
             model,
             self.layout,
             spec.output_fn,
             self.fused_paths,
             mesh,
-            None if mesh is None else jax.tree.map(lambda x: x.sharding, self.params),
+            *self._shardings(),
+            spec.precision,
         )
         self._reference = self._jit(
             lambda p, c, t, m: kernel.reference_features(
-                model, p, t, m, self.layout, c[0], c[1], spec.output_fn
+                model, p, t, m, self.layout, c[0], c[1], spec.output_fn, precision
             )
         )
-        self._project = jax.jit(lambda g, c: kernel.project_gradients(g, self.layout, c[0], c[1]))
+        self._project = jax.jit(
+            lambda g, c: kernel.project_gradients(g, self.layout, c[0], c[1], precision)
+        )
 
     @property
     def dim(self) -> int:
         """D, the feature length."""
         return self.layout.dim
 
-    def _place_params(self, params: Any) -> Any:
+    def _place_params(self, params: Any, seq_len: int) -> Any:
+        """Params sharded as the model's logical axes say on this mesh (checked)."""
         if self.mesh is None:
             return params
-
-        def place(x):
-            s = getattr(x, 'sharding', None)
-            if isinstance(s, NamedSharding) and s.mesh == self.mesh:
-                return x
-            return jax.device_put(np.asarray(x), shd.replicated(self.mesh))
-
-        return jax.tree.map(place, params)
+        expected = model_param_shardings(self.model, params, self.mesh, seq_len)
+        placed = jax.tree.map(lambda x, s: _put(x, s), params, expected)
+        check_sufficiently_sharded(placed, self.mesh)
+        return placed
 
     def _jit(self, fn):
-        params = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self.params)
-        return _jit_sharded(fn, self.mesh, params)
+        return _jit_sharded(fn, self.mesh, *self._shardings())
+
+    def _shardings(self) -> tuple[Any, Any]:
+        """(params, constants) shardings, as the kernels take them (None without a mesh)."""
+        if self.mesh is None:
+            return None, None
+        sharding = lambda x: x.sharding  # noqa: E731
+        return jax.tree.map(sharding, self.params), jax.tree.map(sharding, self.constants)
 
     def _run(self, fn, batch: Mapping[str, Any]) -> jax.Array:
         host = {k: np.asarray(batch[k]) for k in ('tokens', 'loss_mask')}
@@ -236,15 +252,15 @@ class Featurizer:
         return self._project(kernel.tree_by_path(nn.unbox(grad_tree)), self.constants)
 
 
-def _jit_sharded(fn, mesh: Mesh | None, param_shardings: Any):
+def _jit_sharded(fn, mesh: Mesh | None, param_shardings: Any, constant_shardings: Any):
     """jit of fn(params, constants, tokens, mask) with its shardings stated at the boundary:
-    params as given, constants replicated, examples (and the output rows) along ``data``."""
+    params and constants as given, examples (and the output rows) along ``data``."""
     if mesh is None:
         return jax.jit(fn)
     rows = NamedSharding(mesh, PartitionSpec(shd.DATA))
     return jax.jit(
         fn,
-        in_shardings=(param_shardings, shd.replicated(mesh), rows, rows),
+        in_shardings=(param_shardings, constant_shardings, rows, rows),
         out_shardings=NamedSharding(mesh, PartitionSpec(shd.DATA, None)),
     )
 
@@ -256,14 +272,98 @@ def fused_program(
     fused_paths: frozenset[str],
     mesh: Mesh | None,
     param_shardings: Any,
+    constant_shardings: Any,
+    precision: str = 'default',
 ):
     """The jit-compiled fused kernel ``(params, (corrections, projections), tokens, mask)
     -> [B, D]``, sharded over ``mesh``: what a Featurizer runs, and what
     :mod:`trackstar_jax.compile` lowers from abstract inputs for a target topology."""
     return _jit_sharded(
         lambda p, c, t, m: kernel.fused_features(
-            model, p, t, m, layout, c[0], c[1], output_fn, fused_paths
+            model, p, t, m, layout, c[0], c[1], output_fn, fused_paths, kernel.PRECISIONS[precision]
         ),
         mesh,
         param_shardings,
+        constant_shardings,
     )
+
+
+def _put(x: Any, sharding: NamedSharding) -> Any:
+    """``x`` with ``sharding``: kept if it has it, moved device to device if it is a local
+    array, built from the host value otherwise (a multi-process global placement)."""
+    s = getattr(x, 'sharding', None)
+    if s is not None and s.is_equivalent_to(sharding, np.ndim(x)):
+        return x
+    if isinstance(x, jax.Array) and (sharding.is_fully_addressable or not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    return jax.device_put(np.asarray(x), sharding)
+
+
+def model_param_shardings(model: nn.Module, params: Any, mesh: Mesh, seq_len: int = 8) -> Any:
+    """Each param's sharding from the model's logical axis annotations (replicated where
+    it has none); params whose tree differs from ``model.init``'s are replicated."""
+    rep = shd.replicated(mesh)
+    try:
+        boxed = jax.eval_shape(
+            model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+        )
+        expected = shd.tree_shardings(mesh, boxed)['params']
+        if jax.tree.structure(expected) == jax.tree.structure(params):
+            return expected
+    except Exception as e:  # noqa: BLE001 - a model whose init needs other inputs
+        logging.warning("Featurizer: cannot read the model's param shardings (%s).", e)
+    return jax.tree.map(lambda _: rep, params)
+
+
+def correction_shardings(corrections: Any, params_by_path: Mapping[str, Any], mesh: Mesh) -> Any:
+    """Shardings of the corrections: rank-one factors replicated, full ones like params."""
+    rep = shd.replicated(mesh)
+
+    def one(path, corr):
+        full = None
+        if corr.full is not None:
+            param = params_by_path.get(path)
+            s = getattr(param, 'sharding', None)
+            full = s if s is not None and tuple(param.shape) == tuple(corr.full.shape) else rep
+        return correction_lib.ParamCorrection(
+            corr.kind,
+            row=None if corr.row is None else rep,
+            col=None if corr.col is None else rep,
+            full=full,
+        )
+
+    return {path: one(path, c) for path, c in corrections.items()}
+
+
+def check_sufficiently_sharded(params: Any, mesh: Mesh, tolerance: float = 0.5) -> None:
+    """Raises unless each device holds at most (1 + tolerance) / model-axis of the params.
+
+    With a ``model`` axis of size M the params are meant to be split M ways; a model
+    whose logical annotations leave its big matrices replicated would silently hold
+    all of them on every chip (as maxtext's ``assert_params_sufficiently_sharded``).
+    """
+    m = mesh.shape.get(shd.MODEL, 1)
+    if m == 1:
+        return
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(x.size * x.dtype.itemsize for _, x in leaves)
+    per_device = sum(
+        int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for _, x in leaves
+    )
+    if per_device > (1 + tolerance) * total / m:
+        replicated = sorted(
+            (
+                (x.size * x.dtype.itemsize, jax.tree_util.keystr(p))
+                for p, x in leaves
+                if x.sharding.is_fully_replicated
+            ),
+            reverse=True,
+        )[:5]
+        raise ValueError(
+            f'Params are not sharded along the model axis ({m}): each device holds '
+            f'{per_device / 2**20:.1f} MiB of {total / 2**20:.1f} MiB (target '
+            f'{total / m / 2**20:.1f} MiB). Largest replicated: '
+            f'{[name for _, name in replicated]}. Annotate the model with logical axes '
+            '(nn.with_logical_partitioning, see sharding.LOGICAL_AXIS_RULES) or use a mesh '
+            "with ('model', 1)."
+        )

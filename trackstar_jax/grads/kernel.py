@@ -30,6 +30,7 @@ the fused path to it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,14 @@ from trackstar_jax.grads.layout import Layout, path_str
 
 OUTPUT_FNS = ('loss', 'margin', 'logit', 'trak')
 HIGHEST = jax.lax.Precision.HIGHEST
+# GradientSpec.precision -> the precision of the kernel's projection matmuls. 'default'
+# is float32 on CPU and bf16 inputs with float32 accumulation on TPU/GPU (3-6x faster
+# there than 'highest', which tests and exactness checks on accelerators use).
+PRECISIONS = {
+    'default': jax.lax.Precision.DEFAULT,
+    'high': jax.lax.Precision.HIGH,
+    'highest': jax.lax.Precision.HIGHEST,
+}
 
 
 def output_objective(
@@ -87,6 +96,7 @@ def project_gradients(
     layout: Layout,
     corrections: Mapping[str, ParamCorrection],
     projections: Mapping[str, tuple[jax.Array, jax.Array]],
+    precision: jax.lax.Precision = HIGHEST,
 ) -> jax.Array:
     """Correction + two-sided projection of one example's gradients -> float32 [D].
 
@@ -96,6 +106,7 @@ def project_gradients(
       layout: the block layout.
       corrections: per-path corrections.
       projections: (P0, P1) per path, from ``projection.projection_pairs``.
+      precision: of the projection matmuls.
     """
     k = layout.side
     present = [e for e in layout.entries if not e.excluded and e.path in grads_by_path]
@@ -105,7 +116,7 @@ def project_gradients(
         w = grads_by_path[entry.path].astype(jnp.float32).reshape(entry.matrix_shape)
         w = _correct(w, corrections[entry.path])
         p0, p1 = pairs[entry.path]
-        proj = jnp.matmul(jnp.matmul(p0, w, precision=HIGHEST), p1.T, precision=HIGHEST)
+        proj = jnp.matmul(jnp.matmul(p0, w, precision=precision), p1.T, precision=precision)
         blocks[entry.block] = blocks[entry.block] + proj
     return jnp.stack(blocks).reshape(-1)
 
@@ -128,6 +139,7 @@ def reference_features(
     corrections: Mapping[str, ParamCorrection],
     projections: Mapping[str, tuple[jax.Array, jax.Array]],
     output_fn: str,
+    precision: jax.lax.Precision = HIGHEST,
 ) -> jax.Array:
     """vmap(grad) per example, then project: float32 [B, D]."""
 
@@ -136,28 +148,28 @@ def reference_features(
         return output_objective(logits, toks[None], mask[None], output_fn)
 
     per_example = jax.vmap(jax.grad(objective), in_axes=(None, 0, 0))(params, tokens, loss_mask)
-    return jax.vmap(lambda g: project_gradients(tree_by_path(g), layout, corrections, projections))(
-        per_example
-    )
+    return jax.vmap(
+        lambda g: project_gradients(tree_by_path(g), layout, corrections, projections, precision)
+    )(per_example)
 
 
-@jax.custom_vjp
-def _tap(y: jax.Array, x_proj: jax.Array, b_mat: jax.Array, acc: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tap(y: jax.Array, x_proj: jax.Array, b_mat: jax.Array, acc: jax.Array, precision) -> jax.Array:
     """Identity on y; its VJP sends (x D_r P0ᵀ)ᵀ (g D_c P1ᵀ) to ``acc``."""
-    del x_proj, b_mat, acc
+    del x_proj, b_mat, acc, precision
     return y
 
 
-def _tap_fwd(y, x_proj, b_mat, acc):
-    del acc
+def _tap_fwd(y, x_proj, b_mat, acc, precision):
+    del acc, precision
     return y, (x_proj, b_mat)
 
 
-def _tap_bwd(res, g):
+def _tap_bwd(precision, res, g):
     x_proj, b_mat = res
     k = x_proj.shape[-1]
-    g_proj = jnp.matmul(g.astype(jnp.float32), b_mat, precision=HIGHEST)
-    d_acc = jnp.matmul(x_proj.reshape(-1, k).T, g_proj.reshape(-1, k), precision=HIGHEST)
+    g_proj = jnp.matmul(g.astype(jnp.float32), b_mat, precision=precision)
+    d_acc = jnp.matmul(x_proj.reshape(-1, k).T, g_proj.reshape(-1, k), precision=precision)
     return g, None, None, d_acc  # None: symbolic zero cotangents
 
 
@@ -218,10 +230,12 @@ def fused_features(
     projections: Mapping[str, tuple[jax.Array, jax.Array]],
     output_fn: str,
     fused: frozenset[str],
+    precision: jax.lax.Precision = HIGHEST,
 ) -> jax.Array:
     """The fused kernel: float32 [B, D] without per-example full gradients.
 
-    ``projections`` holds (P0, P1) per path (``projection.projection_pairs``).
+    ``projections`` holds (P0, P1) per path (``projection.projection_pairs``);
+    ``precision`` is that of the projection matmuls (``PRECISIONS``).
     """
     entries = layout.by_path()
     side = layout.side
@@ -241,8 +255,8 @@ def fused_features(
                 return y
             a_mat, b_mat = mats[path]
             x = jax.lax.stop_gradient(args[0]).astype(jnp.float32)
-            x_proj = jnp.matmul(x, a_mat, precision=HIGHEST)
-            return _tap(y, x_proj, b_mat, acc[entries[path].block])
+            x_proj = jnp.matmul(x, a_mat, precision=precision)
+            return _tap(y, x_proj, b_mat, acc[entries[path].block], precision)
 
         with nn.intercept_methods(interceptor):
             logits = model.apply({'params': _set_by_path(params, small)}, toks[None])
@@ -256,7 +270,7 @@ def fused_features(
     )
     feats = jnp.stack(d_acc, axis=1).reshape(tokens.shape[0], -1)
     if rest:
-        feats = feats + jax.vmap(lambda g: project_gradients(g, layout, corrections, projections))(
-            d_rest
-        )
+        feats = feats + jax.vmap(
+            lambda g: project_gradients(g, layout, corrections, projections, precision)
+        )(d_rest)
     return feats
