@@ -26,6 +26,8 @@ EXTRAS = {
     # The TPU compiler: AOT-compiles for TPU topologies on any machine (launch/compile.py),
     # and runs on TPU VMs.
     'tpu': ['jax[tpu]>=0.10.0,<0.11'],
+    # grain data sources (ArrayRecord) for pod inputs; no TensorFlow.
+    'grain': ['grain>=0.2.18,<0.3', 'array-record>=0.8.6,<0.9'],
     'dev': ['pytest>=8', 'ruff>=0.6'],
 }
 

@@ -82,11 +82,23 @@ def index_corpus(
     mesh_axes: MeshAxes = DEFAULT_MESH,
     output: str = 'train_index',
 ) -> str:
-    """Featurizes corpus passages (every token a target) into ``output`` (resumable)."""
+    """Featurizes corpus passages (every token a target) into ``output`` (resumable).
+
+    ``corpus_path`` is JSONL(.gz) of {"id", "text"} records, or ArrayRecord files of JSON
+    records (``*.array_record``, comma-separated, read through grain; ids are the file
+    name and position).
+    """
 
     def make(tokenizer):
+        # Tokenised lazily: each process makes (and, from ArrayRecord, reads) only the
+        # rows it featurizes.
+        if corpus_path.split(',')[0].endswith('.array_record'):
+            from trackstar_jax.data import sources as sources_lib
+
+            if sources or max_examples:
+                raise ValueError('sources / max_examples apply to JSONL corpora only.')
+            return sources_lib.array_record_source(corpus_path, tokenizer, config.seq_len)
         records = corpus_lib.load_corpus(corpus_path, sources=sources, limit=max_examples)
-        # Tokenised lazily: each process makes only the rows it featurizes.
         return examples_lib.corpus_source(records, tokenizer, config.seq_len)
 
     return _index_examples(
