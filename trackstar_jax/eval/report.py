@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 import os
 from typing import Any
 
 from absl import logging
+
+from trackstar_jax.index import write_bytes, write_text
 
 
 def _fmt(row: dict | None, key: str, pct: bool = False) -> str:
@@ -40,6 +43,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def _save(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=100)
+    write_bytes(path, buf.getvalue())
+
+
 def plots(results: dict[str, Any], directory: str) -> list[str]:
     """metrics_by_method.png and dimension_sweep.png (needs matplotlib, the eval extra)."""
     try:
@@ -69,7 +78,7 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
         ax.axvline(0, color='k', lw=0.6)
     fig.tight_layout()
     path = os.path.join(directory, 'metrics_by_method.png')
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     out.append(path)
     sweep = results.get('dimension_sweep') or []
     if sweep:
@@ -85,7 +94,7 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
             ax.set_xlabel('D')
         fig.tight_layout()
         path = os.path.join(directory, 'dimension_sweep.png')
-        fig.savefig(path, dpi=100)
+        _save(fig, path)
         out.append(path)
     return out
 
@@ -161,26 +170,25 @@ def write_all(
         'markdown': os.path.join(directory, 'results.md'),
         'html': os.path.join(directory, 'report.html'),
     }
-    with open(paths['json'], 'w') as f:
-        json.dump(results, f, indent=1)
-    with open(paths['markdown'], 'w') as f:
-        f.write(markdown_table(results))
-    with open(paths['html'], 'w') as f:
-        f.write(
-            html_page(
-                results,
-                facts,
-                rankings,
-                deltas,
-                entailing,
-                predicted,
-                correct,
-                p_target,
-                texts,
-                html_queries,
-                k,
-            )
-        )
+    # Each file is written under a temporary name and renamed: never half a report.
+    write_text(paths['json'], json.dumps(results, indent=1))
+    write_text(paths['markdown'], markdown_table(results))
+    write_text(
+        paths['html'],
+        html_page(
+            results,
+            facts,
+            rankings,
+            deltas,
+            entailing,
+            predicted,
+            correct,
+            p_target,
+            texts,
+            html_queries,
+            k,
+        ),
+    )
     for p in plots(results, directory):
         paths[os.path.basename(p)] = p
     return paths
