@@ -31,6 +31,11 @@ EXTRAS = {
     'dev': ['pytest>=8', 'ruff>=0.6'],
 }
 
+# Everything the test suite exercises (the README's setup command installs it).
+EXTRAS['test'] = sorted(
+    {r for name in ('dev', 'eval', 'llama', 'tpu', 'grain', 'seqio') for r in EXTRAS[name]}
+)
+
 setup(
     name='trackstar_jax',
     version='0.1.0',

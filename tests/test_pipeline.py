@@ -32,6 +32,15 @@ def test_storage_imports_no_model_code():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_the_core_never_imports_tensorflow():
+    code = (
+        'import sys, trackstar_jax.gin_utils, trackstar_jax.data.sources; '
+        "assert 'tensorflow' not in sys.modules and 'seqio' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_url_specs():
     assert index.kvstore_spec('gs://bucket/a/b') == {
         'driver': 'gcs',

@@ -89,3 +89,34 @@ def test_bad_records_are_refused():
         src.rows(0, 2)
     with pytest.raises(ValueError, match='ids'):
         sources.record_source(Broken(), None, 8, name='b', ids=['only-one'])
+
+
+def test_seqio_task_corpus_has_stable_ids_and_the_same_vectors(tmp_path):
+    """A real seqio Task over a text file made here, indexed through its source."""
+    import seqio
+
+    lines = [f'line {i} says {w}' for i, w in enumerate('pqrstuv')]
+    path = tmp_path / 'lines.txt'
+    path.write_text('\n'.join(lines) + '\n')
+    name = 'trackstar_test_lines'
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.TextLineDataSource({'train': str(path)}),
+        preprocessors=[lambda ds: ds.map(lambda line: {'text': line})],
+        output_features={},
+    )
+    tok = CharTokenizer()
+    src = sources.seqio_source(name, tok, fx.SEQ_LEN)
+    assert src.ids == [f'{name}:train:{i:09d}' for i in range(7)]
+    assert sources.seqio_source(name, tok, fx.SEQ_LEN).ids == src.ids  # stable
+    part = src.rows(2, 5)
+    assert [e['id'] for e in part] == src.ids[2:5] and src.rows_made == 3
+    feat = fx.featurizer()
+    got = fx.build_index(feat, sources.seqio_source(name, tok, fx.SEQ_LEN), tmp_path / 'a', 4)
+    ref = examples_lib.corpus_examples(
+        [{'id': src.ids[i], 'text': t} for i, t in enumerate(lines)], tok, fx.SEQ_LEN
+    )
+    ref = fx.build_index(feat, ref, tmp_path / 'b', chunk_rows=4)
+    assert got.ids == ref.ids
+    np.testing.assert_array_equal(got.read(slice(0, 7)), ref.read(slice(0, 7)))

@@ -1,4 +1,5 @@
-"""Corpus inputs for pods: grain data sources (ArrayRecord or any random-access source).
+"""Corpus inputs for pods: grain data sources (ArrayRecord, any random-access source) and
+seqio Tasks.
 
 Each becomes an :class:`~trackstar_jax.data.examples.ExampleSource`: every id is known
 up front (for the index's ``ids.json``), but a record is read and tokenised only when
@@ -92,3 +93,58 @@ def array_record_source(
     source = grain.ArrayRecordDataSource(list(paths))
     name = os.path.basename(paths[0]) if len(paths) == 1 else f'{os.path.basename(paths[0])}+'
     return record_source(source, tokenizer, seq_len, name=name, text_key=text_key)
+
+
+def seqio_source(
+    task: str,
+    tokenizer: Any,
+    seq_len: int,
+    *,
+    split: str = 'train',
+    text_key: str = 'text',
+) -> examples_lib.ExampleSource:
+    """Passages of a registered seqio Task or Mixture (``pip install trackstar_jax[seqio]``).
+
+    The dataset is read in its deterministic order (no shuffling, one epoch), so the
+    ids ``f'{task}:{split}:{index:09d}'`` are the same in every run and on every host.
+    seqio datasets are sequential: every host counts the examples once and streams past
+    the rows of other hosts without tokenising them (grain/ArrayRecord, which reads only
+    a host's own records, is the input to prefer on pods).
+
+    Args:
+      task: the registered Task or Mixture name.
+      tokenizer: the model's tokenizer (applied to the raw ``text_key`` field).
+      seq_len: passages are cut to this many tokens.
+      split: the dataset split.
+      text_key: the feature holding the passage text (bytes or str).
+    """
+    import seqio  # noqa: PLC0415 - TensorFlow only when a seqio corpus is used
+
+    provider = seqio.get_mixture_or_task(task)
+
+    def dataset():
+        return provider.get_dataset(
+            sequence_length=None, split=split, shuffle=False, num_epochs=1, use_cached=False
+        )
+
+    n = int(dataset().reduce(0, lambda count, _: count + 1).numpy())
+    ids = [f'{task}:{split}:{i:09d}' for i in range(n)]
+    state = {'it': None, 'pos': 0}
+
+    def make(start: int, stop: int) -> list[dict[str, Any]]:
+        if state['it'] is None or start < state['pos']:
+            state['it'], state['pos'] = dataset().as_numpy_iterator(), 0
+        texts = []
+        for ex in state['it']:
+            i = state['pos']
+            state['pos'] += 1
+            if i >= start:
+                text = ex[text_key]
+                texts.append(
+                    {'id': ids[i], 'text': text.decode() if isinstance(text, bytes) else text}
+                )
+            if state['pos'] >= stop:
+                break
+        return examples_lib.corpus_examples(texts, tokenizer, seq_len)
+
+    return examples_lib.ExampleSource(ids, make)

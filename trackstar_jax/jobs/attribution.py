@@ -63,7 +63,7 @@ def _index_examples(
     extra = {
         'checkpoint_dir': os.path.abspath(checkpoint_dir),
         'checkpoint_step': loaded.step,
-        'source': os.path.abspath(source),
+        'source': source if source.startswith('seqio:') else os.path.abspath(source),
     }
     return pipeline.featurize(featurizer, examples, url, config, manifest_extra=extra).path
 
@@ -86,12 +86,17 @@ def index_corpus(
 
     ``corpus_path`` is JSONL(.gz) of {"id", "text"} records, or ArrayRecord files of JSON
     records (``*.array_record``, comma-separated, read through grain; ids are the file
-    name and position).
+    name and position), or ``seqio:TASK[:SPLIT]`` for a registered seqio Task/Mixture.
     """
 
     def make(tokenizer):
         # Tokenised lazily: each process makes (and, from ArrayRecord, reads) only the
         # rows it featurizes.
+        if corpus_path.startswith('seqio:'):  # seqio:TASK or seqio:TASK:SPLIT
+            from trackstar_jax.data import sources as sources_lib
+
+            task, _, split = corpus_path[len('seqio:') :].partition(':')
+            return sources_lib.seqio_source(task, tokenizer, config.seq_len, split=split or 'train')
         if corpus_path.split(',')[0].endswith('.array_record'):
             from trackstar_jax.data import sources as sources_lib
 
