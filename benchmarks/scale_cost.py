@@ -67,8 +67,8 @@ def table(priced: dict[str, dict]) -> str:
     """Markdown: model, topology, job, memory, FLOPs per token, chip-hours, index size."""
     lines = [
         '| config | chips | index: GiB per chip / HBM | FLOPs per token | index / train-step '
-        'FLOPs | index chip-hours (wall h) | index size | fit wall h (bound) | score wall h '
-        '(bound) |',
+        'FLOPs | index chip-hours (wall h) | index size | fit wall min (bound) | score wall '
+        'min (bound) |',
         '|---|---|---|---|---|---|---|---|---|',
     ]
     for name, p in priced.items():
@@ -80,8 +80,8 @@ def table(priced: dict[str, dict]) -> str:
             f'{r["per_chip_bytes"] / 2**30:.1f} / {r["hbm_bytes"] / 2**30:.0f} | '
             f'{ix["flops_per_token"]:.2e} | {ix.get("flops_vs_train_step", float("nan")):.2f} | '
             f'{ix["chip_hours"]:,.0f} ({ix["wall_hours"]:,.0f}) | '
-            f'{ix["index_bytes"] / 1e12:.1f} TB | {fit["wall_hours"]:.1f} ({fit["bound"]}) | '
-            f'{sc["wall_hours"]:.1f} ({sc["bound"]}) |'
+            f'{ix["index_bytes"] / 1e12:.1f} TB | {60 * fit["wall_hours"]:.1f} ({fit["bound"]}) | '
+            f'{60 * sc["wall_hours"]:.1f} ({sc["bound"]}) |'
         )
     return '\n'.join(lines)
 

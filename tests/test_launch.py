@@ -81,3 +81,45 @@ def test_evaluate_launcher_writes_only_under_workdir(tmp_path):
         assert os.path.exists(workdir / name), name
     # The config is written when the job starts and finalised (operative) when it ends.
     assert 'EvalConfig.num_queries = 4' in open(workdir / 'evaluate.gin').read()
+
+
+def test_compile_launcher_reports_and_refuses(tmp_path):
+    """launch/compile.py on the local devices: JSON for a step that fits, a non-zero exit
+    that says what to change for one that does not."""
+    import json
+
+    tiny = [
+        "include 'models/tiny.gin'",
+        "trackstar_jax.DecoderConfig.dtype = 'float32'",
+        'trackstar_jax.GradientSpec.block_dim = 16',
+        'trackstar_jax.GradientSpec.num_layer_blocks = 2',
+        "trackstar_jax.CompileConfig.mesh_axes = (('data', -1), ('model', 1))",
+        'trackstar_jax.CompileConfig.seq_len = 32',
+        'trackstar_jax.CompileConfig.batch_size = 4',
+        'trackstar_jax.CompileConfig.num_queries = 8',
+        'trackstar_jax.CompileConfig.chunk_rows = 64',
+        'trackstar_jax.TrainConfig.seq_len = 32',
+    ]
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+
+    def run(extra, out):
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, 'launch', 'compile.py'),
+            '--gin_file=scale/paper_8b_v5p128.gin',
+            '--topology=local',
+            '--job=index,fit,score',
+            f'--workdir={tmp_path}',
+            f'--output={out}',
+        ] + [f'--gin_bindings={b}' for b in tiny + extra]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    ok = run([], tmp_path / 'ok.json')
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    record = json.load(open(tmp_path / 'ok.json'))
+    assert record['command'].startswith('python ') and len(record['results']) == 3
+    assert all(r['fits'] and r['topology'] == 'local:cpu' for r in record['results'])
+    bad = run(['trackstar_jax.CompileConfig.hbm_bytes = 4096'], tmp_path / 'bad.json')
+    assert bad.returncode == 1
+    assert 'DOES NOT FIT' in bad.stderr and 'too much' in bad.stderr
+    assert json.load(open(tmp_path / 'bad.json'))['results'][0]['fits'] is False
