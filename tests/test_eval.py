@@ -219,3 +219,36 @@ def test_user_supplied_facts_and_corpus(tmp_path):
         assert by_query == out['rankings'][name], name
     lam = preconditioners.load(os.path.join(jobs, 'preconditioner')).info.get('lam')
     assert lam is None  # the last fit was the toy's
+
+
+def test_a_named_checkpoint_that_is_missing_is_an_error_not_a_new_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match='No checkpoint in'):
+        fact_tracing.evaluate(
+            workdir=str(tmp_path / 'eval'),
+            checkpoint_dir=str(tmp_path / 'typo'),
+            methods=[fact_tracing.Method(name='Gold', kind='gold')],
+            spec=grads.GradientSpec(block_dim=16, num_layer_blocks=2),
+            config=fact_tracing.EvalConfig(dimension_sweep=()),
+            train_if_missing=True,
+        )
+    assert not os.path.exists(tmp_path / 'typo')
+
+
+def test_settings_are_checked_before_any_work(tmp_path):
+    gold = fact_tracing.Method(name='Gold', kind='gold')
+    common = dict(
+        workdir=str(tmp_path / 'eval'),
+        checkpoint_dir=str(tmp_path / 'nothing-here'),
+        spec=grads.GradientSpec(block_dim=16, num_layer_blocks=2),
+    )
+    with pytest.raises(ValueError, match='sweep_method'):
+        fact_tracing.evaluate(methods=[gold], config=fact_tracing.EvalConfig(), **common)
+    with pytest.raises(ValueError, match='k must be'):
+        fact_tracing.evaluate(
+            methods=[gold], config=fact_tracing.EvalConfig(k=0, dimension_sweep=()), **common
+        )
+    assert not os.path.exists(tmp_path / 'eval')  # refused before anything was written
+    bad = tmp_path / 'facts.jsonl'
+    bad.write_text(json.dumps({'id': 'f', 'prompt': 'p', 'target': ' t', 'entailing_ids': 'd1'}))
+    with pytest.raises(ValueError, match='must be a list'):
+        corpus_lib.load_facts(str(bad))

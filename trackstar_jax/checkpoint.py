@@ -20,15 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh
 
 from trackstar_jax import sharding as shd
 
 
+def _path(directory: str) -> epath.Path:
+    """A local path (made absolute) or a ``gs://`` URL, as Orbax takes it."""
+    return epath.Path(directory if '://' in str(directory) else os.path.abspath(directory))
+
+
 def manager(directory: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-    """A CheckpointManager for ``directory`` (created if missing)."""
+    """A CheckpointManager for ``directory`` (a path or ``gs://`` URL; created if missing)."""
     return ocp.CheckpointManager(
-        os.path.abspath(directory),
+        _path(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_names=('state', 'config'),
     )
@@ -83,7 +89,7 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 def latest_step(directory: str) -> int | None:
     """The newest committed step in ``directory``, or None if there is none."""
-    if not os.path.isdir(directory):
+    if not _path(directory).is_dir():
         return None
     return manager(directory).latest_step()
 

@@ -77,6 +77,11 @@ def load_facts(path: str = FACTS_PATH) -> list[dict[str, Any]]:
         for k in ('id', 'prompt', 'target', 'entailing_ids'):
             if k not in f:
                 raise ValueError(f'{path}: fact {f!r:.200} lacks {k!r}.')
+        if not isinstance(f['entailing_ids'], list):
+            raise ValueError(
+                f'{path}: fact {f["id"]!r} has entailing_ids {f["entailing_ids"]!r:.80}; '
+                'it must be a list of passage ids, e.g. ["doc-17"].'
+            )
     return facts
 
 

@@ -268,7 +268,10 @@ def _metrics_row(ranking, entailing, deltas, qids, k) -> dict[str, Any] | None:
 def _load(checkpoint_dir: str, mesh, train_if_missing: bool) -> LoadedModel:
     if checkpoint.latest_step(checkpoint_dir) is None:
         if not train_if_missing:
-            raise FileNotFoundError(f'No checkpoint in {checkpoint_dir}.')
+            raise FileNotFoundError(
+                f'No checkpoint in {checkpoint_dir}. Check evaluate.checkpoint_dir, or leave '
+                'it unset to train the embedded demo model in <workdir>/checkpoints.'
+            )
         from trackstar_jax.jobs import train_lm
 
         logging.info('No checkpoint in %s: training the model first.', checkpoint_dir)
@@ -314,12 +317,17 @@ def evaluate(
       config: sampling and measurement settings.
       fit: λ, damping and the rest of the preconditioner fit (each method sets its kind).
       train_if_missing: train the model with the gin-configured ``train_lm`` first when
-        ``checkpoint_dir`` holds no checkpoint (the embedded default).
+        ``checkpoint_dir`` is None and ``workdir/checkpoints`` holds no checkpoint (the
+        embedded default); a named ``checkpoint_dir`` without a checkpoint is an error.
       mesh_axes: the mesh.
     """
     t_start = time.time()
+    _check_settings(methods, config)
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(mesh_axes)
+    # Training stands in only for the workdir's own model: a checkpoint_dir the user
+    # names (perhaps mistyped) is never silently replaced by a freshly trained model.
+    train_if_missing = train_if_missing and checkpoint_dir is None
     checkpoint_dir = checkpoint_dir or os.path.join(workdir, 'checkpoints')
     loaded = _load(checkpoint_dir, mesh, train_if_missing)
     tokenizer = checkpoint_tokenizer(loaded, tokenizer_path)
@@ -441,6 +449,22 @@ def evaluate(
             k,
         )
     return results
+
+
+def _check_settings(methods: Sequence[Method], config: EvalConfig) -> None:
+    """Settings errors, raised before any work is done."""
+    if config.k < 1:
+        raise ValueError(f'EvalConfig.k must be >= 1, got {config.k}.')
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f'Method names must be unique: {names}.')
+    if config.dimension_sweep:
+        base = next((m for m in methods if m.name == config.sweep_method), None)
+        if base is None or base.kind != 'gradient':
+            raise ValueError(
+                f'EvalConfig.sweep_method {config.sweep_method!r} is not a gradient method of '
+                f'this table ({names}); name one, or set dimension_sweep = ().'
+            )
 
 
 def _slug(name: str) -> str:
