@@ -132,3 +132,18 @@ def test_r_accumulation_step_has_no_collective_and_donates():
     hlo = step.lower(*args).compile().as_text()
     assert 'all-reduce' not in hlo and 'all-gather' not in hlo
     assert 'input_output_alias' in hlo  # the running sums are updated in place
+
+
+def test_a_tpu_step_the_compiler_refuses_is_reported_not_raised():
+    """Temporaries beyond HBM make libtpu refuse to compile: that is a 'does not fit'."""
+    import dataclasses
+
+    cfg = dataclasses.replace(fx.CFG, vocab_size=32000, max_len=2048)
+    conf = _config(
+        topology='v5e:2x2', mesh_axes=((shd.DATA, 4), (shd.MODEL, 1)), batch_size=512,
+        seq_len=2048,
+    )  # fmt: skip
+    r = compile_lib.compile_job('train', DecoderLM(cfg), fx.SPEC, TC, conf)
+    assert r['fits'] is False and 'RESOURCE_EXHAUSTED' in r['compiler_error']
+    assert r['per_chip_bytes'] > r['hbm_bytes'] > 0
+    assert 'compiler refused' in compile_lib.advice(r) and 'batch' in compile_lib.advice(r)

@@ -295,6 +295,28 @@ def analyse(compiled: Any, device: Any, hbm_override: int | None = None) -> dict
     }
 
 
+def _refused(message: str, device: Any, hbm_override: int | None) -> dict[str, Any]:
+    """The result of a step the compiler refused for memory (sizes read from its message)."""
+    import re
+
+    sizes = [float(x) * 2**30 for x in re.findall(r'\(([0-9.]+)G\)', message)]
+    temp = int(sizes[0]) if sizes else None
+    hbm = int(sizes[1]) if len(sizes) > 1 else chip_memory(device, hbm_override)
+    return {
+        'device_kind': device.device_kind,
+        'argument_bytes': None,
+        'temp_bytes': temp,
+        'output_bytes': None,
+        'alias_bytes': None,
+        'per_chip_bytes': temp,  # at least: the temporaries alone
+        'hbm_bytes': hbm,
+        'fits': False,
+        'flops': float('nan'),
+        'bytes_accessed': float('nan'),
+        'compiler_error': message,
+    }
+
+
 def compile_job(
     job: str,
     model: nn.Module,
@@ -323,8 +345,20 @@ def compile_job(
         program, args = fit_program(layout, mesh, config)
     elif job == 'score':
         program, args = score_program(layout, mesh, config)
-    compiled = program.lower(*args).compile()
+    lowered = program.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler itself refuses a program whose temporaries exceed HBM.
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        compiled = None
+        refusal = str(e).split('\n')[0]
     seconds = time.time() - t0
+    if compiled is None:
+        analysis = _refused(refusal, devices[0], config.hbm_bytes)
+    else:
+        analysis = analyse(compiled, devices[0], config.hbm_bytes)
     out = {
         'job': job,
         'topology': config.topology or f'local:{devices[0].platform}',
@@ -334,7 +368,7 @@ def compile_job(
         'num_blocks': layout.num_blocks,
         'block_dim': layout.block_dim,
         'compile_seconds': round(seconds, 1),
-        **analyse(compiled, devices[0], config.hbm_bytes),
+        **analysis,
     }
     if job in ('index', 'query', 'train'):
         out['examples_per_step'] = config.batch_size
@@ -350,14 +384,20 @@ def compile_job(
 def advice(result: dict[str, Any]) -> str:
     """Why a compiled step does not fit, by how much, and what to change."""
     need, have = result['per_chip_bytes'], result['hbm_bytes']
-    over = need - have
+    gib = lambda b: 'unknown' if b is None else f'{b / 2**30:.2f} GiB'  # noqa: E731
     lines = [
-        f'{result["job"]} on {result["topology"]} needs {need / 2**30:.2f} GiB per chip, '
-        f'the chip has {have / 2**30:.2f} GiB: {over / 2**30:.2f} GiB ({need / have:.2f}x) '
-        'too much. Arguments '
-        f'{result["argument_bytes"] / 2**30:.2f} GiB, temporaries '
-        f'{result["temp_bytes"] / 2**30:.2f} GiB.'
+        f'{result["job"]} on {result["topology"]} needs {gib(need)} per chip'
+        + (' (temporaries alone, the compiler refused it)' if 'compiler_error' in result else '')
+        + f', the chip has {gib(have)}'
     ]
+    if need is not None and have:
+        lines[0] += f': {gib(need - have)} ({need / have:.2f}x) too much.'
+    else:
+        lines[0] += ': too much.'
+    if result.get('argument_bytes') is not None:
+        lines.append(
+            f'Arguments {gib(result["argument_bytes"])}, temporaries {gib(result["temp_bytes"])}.'
+        )
     if result['job'] in ('index', 'query', 'train'):
         lines.append(
             "Lower the per-chip batch (CompileConfig.batch_size / the job's batch_size), "
@@ -379,9 +419,10 @@ def summary(results: Sequence[dict[str, Any]]) -> str:
     rows = [head, '|---|---|---|---|---|---|---|']
     for r in results:
         hbm = r['hbm_bytes'] / 2**30 if r['hbm_bytes'] else float('nan')
+        need = r['per_chip_bytes'] / 2**30 if r['per_chip_bytes'] else float('nan')
         rows.append(
             f'| {r["job"]} | {r["topology"]} | {r["num_chips"]} | {r["mesh"]} | '
-            f'{r["per_chip_bytes"] / 2**30:.2f} / {hbm:.1f} | {r["fits"]} | '
+            f'{need:.2f} / {hbm:.1f} | {r["fits"]} | '
             f'{r["flops"] / 1e12:.3f} |'
         )
     return '\n'.join(rows)
