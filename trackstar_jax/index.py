@@ -24,7 +24,7 @@ process, gone when it exits): for tests and throw-away runs.
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -191,16 +191,41 @@ def _comparable(manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-@dataclasses.dataclass
-class Index:
-    """A read handle on a complete index (see :func:`open`)."""
+class IntegrityError(RuntimeError):
+    """Stored bytes that are not what was committed (missing, truncated or changed)."""
 
-    path: str
-    manifest: dict[str, Any]
-    ids: list[str]
-    _vectors: ts.TensorStore
-    _norms: ts.TensorStore
-    _num_targets: ts.TensorStore
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:24]
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """A hash of the manifest (volatile keys aside): progress markers carry it."""
+    text = json.dumps(_comparable(manifest), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class Index:
+    """A read handle on a complete index (see :func:`open`).
+
+    Every read is checked against the checksums each chunk's commit marker recorded
+    (vectors as stored, norms, target counts): a deleted chunk file (which TensorStore
+    would read as zeros), truncated or changed bytes raise :class:`IntegrityError`
+    instead of flowing into a fit or a score. A chunk is checked once per handle.
+    """
+
+    def __init__(self, store: Store, manifest: dict[str, Any], ids: list[str], markers: dict):
+        self._store = store
+        self.path = store.url
+        self.manifest = manifest
+        self.ids = ids
+        self._markers = markers
+        self._chunk_rows = int(manifest['chunk_rows'])
+        self._dtype = DTYPES[manifest['dtype']]
+        self._vectors = store.open_array('vectors')
+        self._norms = store.open_array('norms')
+        self._num_targets = store.open_array('num_targets')
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -210,30 +235,70 @@ class Index:
         """D."""
         return int(self.manifest['dim'])
 
+    def _verify(self, first: int, last: int) -> None:
+        """Checks chunks first..last (inclusive) against their commit checksums."""
+        for chunk in range(first, last + 1):
+            if chunk in self._verified:
+                continue
+            start = chunk * self._chunk_rows
+            stop = min(start + self._chunk_rows, len(self.ids))
+            want = self._markers[chunk]['sha256']
+            got = {
+                'vectors': _sha(self._vectors[start:stop].read().result()),
+                'norms': _sha(self._norms[start:stop].read().result()),
+                'num_targets': _sha(self._num_targets[start:stop].read().result()),
+            }
+            bad = [k for k in want if want[k] != got[k]]
+            if bad:
+                raise IntegrityError(
+                    f'Index {self.path}: chunk {chunk} (rows [{start}, {stop})) does not match '
+                    f'its commit checksum ({", ".join(bad)}): its files were deleted, '
+                    "truncated or changed. Delete that chunk's marker "
+                    f'(progress/chunk_{chunk:08d}) and re-run the index job to rewrite it.'
+                )
+            self._verified.add(chunk)
+
+    def _verify_rows(self, rows: np.ndarray) -> None:
+        if len(rows):
+            chunks = np.unique(rows // self._chunk_rows)
+            for c in chunks:
+                self._verify(int(c), int(c))
+
     def read(self, rows: slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        """Vectors of ``rows`` (a slice or row indices) as float32 [n, D]."""
+        """Vectors of ``rows`` (a slice or row indices) as float32 [n, D], verified."""
         if isinstance(rows, slice):
+            start, stop, _ = rows.indices(len(self.ids))
+            if stop > start:
+                self._verify(start // self._chunk_rows, (stop - 1) // self._chunk_rows)
             return np.asarray(self._vectors[rows].read().result(), np.float32)
         rows = np.asarray(rows, np.int64)
+        self._verify_rows(rows)
         return np.asarray(self._vectors[ts.d[0].oindex[rows]].read().result(), np.float32)
 
     def norms(self) -> np.ndarray:
-        """||v|| per example (float32 [N])."""
+        """||v|| per example (float32 [N]), verified."""
+        self._verify(0, len(self._markers) - 1)
         return np.asarray(self._norms.read().result())
 
     def num_targets(self) -> np.ndarray:
-        """Target tokens per example (float32 [N])."""
+        """Target tokens per example (float32 [N]), verified."""
+        self._verify(0, len(self._markers) - 1)
         return np.asarray(self._num_targets.read().result())
 
     def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yields (start, vectors[n, D]) over the index, one chunk in memory at a time."""
-        step = chunk_rows or int(self.manifest['chunk_rows'])
+        step = chunk_rows or self._chunk_rows
         for start in range(0, len(self), step):
             yield start, self.read(slice(start, min(start + step, len(self))))
 
 
 class IndexWriter:
     """Writes the chunks of an index created by :func:`create`; resumable.
+
+    A chunk's commit marker records the manifest it was written under (so markers left
+    by an index built with other settings never count), checksums of what was stored,
+    and, if the caller gives one, a digest of the chunk's inputs (so a resume can check
+    that the examples have not changed since).
 
     Attributes:
       path: the index URL.
@@ -245,6 +310,7 @@ class IndexWriter:
         self._store = store
         self.path = store.url
         self.manifest = manifest
+        self._manifest_digest = manifest_digest(manifest)
         self.num_examples = int(manifest['num_examples'])
         self.chunk_rows = int(manifest['chunk_rows'])
         self.num_chunks = math.ceil(self.num_examples / self.chunk_rows)
@@ -258,10 +324,23 @@ class IndexWriter:
         start = chunk * self.chunk_rows
         return start, min(start + self.chunk_rows, self.num_examples)
 
+    def markers(self) -> dict[int, dict[str, Any]]:
+        """The valid commit markers by chunk: written under this manifest."""
+        out = {}
+        for key in self._store.list('progress/'):
+            try:
+                chunk = int(key.rsplit('_', 1)[1])
+                marker = self._store.read_json(key)
+            except (ValueError, json.JSONDecodeError):
+                continue  # not a marker, or one cut short: the chunk is not committed
+            if marker.get('manifest') == self._manifest_digest and chunk < self.num_chunks:
+                out[chunk] = marker
+        return out
+
     def committed(self) -> list[bool]:
-        """For each chunk, whether it is committed."""
-        done = set(self._store.list('progress/'))
-        return [_marker(c) in done for c in range(self.num_chunks)]
+        """For each chunk, whether it is committed (under this manifest)."""
+        done = self.markers()
+        return [c in done for c in range(self.num_chunks)]
 
     def write_chunk(
         self,
@@ -269,6 +348,7 @@ class IndexWriter:
         vectors: np.ndarray,
         num_targets: np.ndarray,
         fault_hook: Callable[[str, int], None] | None = None,
+        input_digest: str | None = None,
     ) -> None:
         """Writes a chunk's rows (vectors [n, D] float32, num_targets [n]) and commits it.
 
@@ -278,6 +358,10 @@ class IndexWriter:
           num_targets: target tokens per row.
           fault_hook: test hook called as hook(event, chunk) at 'vectors_written',
             'meta_written' and 'committed'.
+          input_digest: a digest of the examples the rows came from (kept in the marker).
+
+        Raises:
+          ValueError: on a wrong shape or non-finite vectors (the rows are named).
         """
         start, stop = self.rows(chunk)
         vectors = np.asarray(vectors, np.float32)
@@ -286,14 +370,29 @@ class IndexWriter:
                 f'Chunk {chunk} of {self.path} holds rows [{start}, {stop}) of dim '
                 f'{self.manifest["dim"]}; got vectors of shape {vectors.shape}.'
             )
-        self._vectors[start:stop].write(vectors.astype(self._dtype)).result()
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            bad = (start + np.flatnonzero(~finite)).tolist()
+            raise ValueError(
+                f'Non-finite vectors for rows {bad[:10]} of {self.path}: refusing to store them.'
+            )
+        stored = vectors.astype(self._dtype)
+        norms = np.linalg.norm(vectors, axis=1).astype(np.float32)
+        targets = np.asarray(num_targets, np.float32)
+        self._vectors[start:stop].write(stored).result()
         if fault_hook:
             fault_hook('vectors_written', chunk)
-        self._norms[start:stop].write(np.linalg.norm(vectors, axis=1).astype(np.float32)).result()
-        self._num_targets[start:stop].write(np.asarray(num_targets, np.float32)).result()
+        self._norms[start:stop].write(norms).result()
+        self._num_targets[start:stop].write(targets).result()
         if fault_hook:
             fault_hook('meta_written', chunk)
-        self._store.write_json(_marker(chunk), {'rows': [start, stop]})
+        marker = {
+            'rows': [start, stop],
+            'manifest': self._manifest_digest,
+            'sha256': {'vectors': _sha(stored), 'norms': _sha(norms), 'num_targets': _sha(targets)},
+            'input': input_digest,
+        }
+        self._store.write_json(_marker(chunk), marker)
         if fault_hook:
             fault_hook('committed', chunk)
 
@@ -340,6 +439,9 @@ def create(
     full = {
         'format_version': FORMAT_VERSION,
         **dict(manifest),
+        # The ids are part of what the index is: another corpus of the same size is
+        # another index, not a resume.
+        'ids_sha256': hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24],
         'dim': int(dim),
         'dtype': dtype,
         'chunk_rows': int(chunk_rows),
@@ -370,26 +472,28 @@ def create(
 
 
 def open(url: str) -> Index:  # noqa: A001 - the API name the jobs use
-    """Opens a complete index; raises if it is missing or unfinished."""
+    """Opens a complete index; raises if it is missing, unfinished or unreadable."""
     store = Store(url)
     if not store.exists('manifest.json'):
         raise FileNotFoundError(f'No index at {url} (no manifest.json).')
-    manifest = store.read_json('manifest.json')
+    try:
+        manifest = store.read_json('manifest.json')
+        ids = store.read_json('ids.json')
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IntegrityError(f'Index {url}: manifest.json or ids.json is unreadable ({e}).') from e
     writer = IndexWriter(store, manifest)
-    missing = [c for c, done in enumerate(writer.committed()) if not done]
+    markers = writer.markers()
+    missing = [c for c in range(writer.num_chunks) if c not in markers]
     if missing:
         raise RuntimeError(
             f'Index {url} is incomplete: {len(missing)} chunks not committed '
             f'(first {missing[:5]}). Re-run the index job to finish it.'
         )
-    return Index(
-        store.url,
-        manifest,
-        store.read_json('ids.json'),
-        writer._vectors,
-        writer._norms,
-        writer._num_targets,
-    )
+    if len(ids) != writer.num_examples:
+        raise IntegrityError(
+            f'Index {url}: ids.json has {len(ids)} ids, the manifest {writer.num_examples}.'
+        )
+    return Index(store, manifest, ids, markers)
 
 
 def derive(

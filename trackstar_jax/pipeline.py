@@ -141,6 +141,16 @@ def manifest_for(
     }
 
 
+def input_digest(examples: Sequence[Mapping[str, Any]]) -> str:
+    """A hash of examples' ids, tokens and masks (what a chunk's rows are made from)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(str(ex['id']).encode() + b'\0')
+        h.update(np.asarray(ex['tokens'], np.int32).tobytes())
+        h.update(np.asarray(ex['loss_mask'], np.float32).tobytes())
+    return h.hexdigest()[:24]
+
+
 def open_index(index: Index | str) -> Index:
     """An index handle from a handle or a URL."""
     return index if isinstance(index, Index) else index_lib.open(index)
@@ -187,8 +197,21 @@ def featurize(
 
     chunk_rows, n = config.chunk_rows, len(ids)
     num_steps = math.ceil(writer.num_chunks / procs)
+    markers = writer.markers()
     done = np.ones(num_steps * procs, bool)
-    done[: writer.num_chunks] = writer.committed()
+    done[: writer.num_chunks] = [c in markers for c in range(writer.num_chunks)]
+    # Resume trusts content, not markers: this process's committed chunks must have been
+    # made from the same examples (ids, tokens, masks) it is given now.
+    for chunk in range(me, writer.num_chunks, procs):
+        if chunk in markers and markers[chunk].get('input') is not None:
+            start, stop = writer.rows(chunk)
+            if input_digest(source.rows(start, stop)) != markers[chunk]['input']:
+                raise ValueError(
+                    f'Index {url}: the examples of chunk {chunk} (rows [{start}, {stop}), '
+                    f'first id {ids[start]!r}) changed since it was written. The corpus, '
+                    'tokenizer or seq_len changed under a resume: use a new path, or delete '
+                    'the index to rebuild it.'
+                )
     if procs > 1:  # every process must run the same steps (the kernel is SPMD)
         done = multihost_utils.broadcast_one_to_all(done)
     todo = [s for s in range(num_steps) if not done[s * procs : (s + 1) * procs].all()]
@@ -221,7 +244,11 @@ def featurize(
         if chunk < writer.num_chunks and not done[chunk]:
             valid = stop - start
             writer.write_chunk(
-                chunk, out[:valid], batch['loss_mask'][:valid].sum(1), fault_hook=fault_hook
+                chunk,
+                out[:valid],
+                batch['loss_mask'][:valid].sum(1),
+                fault_hook=fault_hook,
+                input_digest=input_digest(mine),
             )
             rows_done += valid
         rate = rows_done / max(time.time() - t0, 1e-9)
