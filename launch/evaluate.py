@@ -17,6 +17,7 @@ import sys
 import launch_common
 from absl import flags
 
+from trackstar_jax import index
 from trackstar_jax.eval import fact_tracing, report
 
 _RESULTS = flags.DEFINE_string(
@@ -30,10 +31,11 @@ def evaluate_and_report(*, workdir: str) -> dict:
     results['command'] = 'python ' + ' '.join(sys.argv)
     if _RESULTS.value:
         os.makedirs(os.path.dirname(os.path.abspath(_RESULTS.value)), exist_ok=True)
-        with open(_RESULTS.value, 'w') as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.splitext(_RESULTS.value)[0] + '.md', 'w') as f:
-            f.write(f'Command: `{results["command"]}`\n\n' + report.markdown_table(results))
+        index.write_text(_RESULTS.value, json.dumps(results, indent=1))
+        index.write_text(
+            os.path.splitext(_RESULTS.value)[0] + '.md',
+            f'Command: `{results["command"]}`\n\n' + report.markdown_table(results),
+        )
     print(report.markdown_table(results))
     return results
 

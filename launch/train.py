@@ -12,6 +12,7 @@ import sys
 import launch_common
 from absl import flags
 
+from trackstar_jax import index
 from trackstar_jax.jobs import train_lm
 
 _RESULTS = flags.DEFINE_string(
@@ -24,8 +25,8 @@ def train_and_report(*, workdir: str) -> dict:
     summary = train_lm.train_lm(workdir=workdir)
     if _RESULTS.value:
         os.makedirs(os.path.dirname(_RESULTS.value) or '.', exist_ok=True)
-        with open(_RESULTS.value, 'w') as f:
-            json.dump({'command': 'python ' + ' '.join(sys.argv), **summary}, f, indent=1)
+        record = {'command': 'python ' + ' '.join(sys.argv), **summary}
+        index.write_text(_RESULTS.value, json.dumps(record, indent=1))
     return summary
 
 

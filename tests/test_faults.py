@@ -123,3 +123,32 @@ def test_a_crash_while_saving_a_preconditioner_keeps_the_old_one(built, tmp_path
     back = preconditioners.load(url)
     assert back.kind == 'mixed' and back.info == old.info
     np.testing.assert_array_equal(back.arrays['r_inv_sqrt'], old.arrays['r_inv_sqrt'])
+
+
+def test_non_finite_parameters_and_a_fresh_adafactor_state_are_refused():
+    import jax
+    import optax
+
+    model, params, state = fx.model_and_state()
+    fresh = optax.adafactor(1e-2, min_dim_size_to_factor=16).init(params)
+    with pytest.raises(ValueError, match='fresh'):
+        grads.Featurizer(model, params, fx.SPEC, opt_state=fresh)
+    leaves, tree = jax.tree.flatten(params)
+    leaves[2] = np.asarray(leaves[2]).copy()
+    leaves[2].flat[0] = np.inf
+    with pytest.raises(ValueError, match='Non-finite parameters'):
+        grads.Featurizer(model, jax.tree.unflatten(tree, leaves), fx.SPEC, opt_state=state)
+
+
+def test_extreme_norms_are_reported_not_hidden(tmp_path):
+    rng = np.random.default_rng(0)
+    norms = np.exp(rng.normal(0, 0.1, 200))
+    norms[17] *= 50.0  # a gradient 50x the typical size
+    norms[3] = 0.0  # no targets: not an outlier
+    ids = [f'e{i}' for i in range(200)]
+    found = pipeline.norm_outliers(norms, ids)
+    assert [o['id'] for o in found] == ['e17'] and found[0]['z'] > 6
+    feat = fx.featurizer()
+    idx = fx.build_index(feat, fx.train_examples(20), tmp_path / 't', chunk_rows=8)
+    report = __import__('json').load(open(os.path.join(idx.path, 'outliers.json')))
+    assert report['statistic'] == 'robust z of log norm' and isinstance(report['outliers'], list)

@@ -191,6 +191,9 @@ def _comparable(manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+_PARTS = ('vectors', 'norms', 'num_targets')
+
+
 class IntegrityError(RuntimeError):
     """Stored bytes that are not what was committed (missing, truncated or changed)."""
 
@@ -225,7 +228,7 @@ class Index:
         self._vectors = store.open_array('vectors')
         self._norms = store.open_array('norms')
         self._num_targets = store.open_array('num_targets')
-        self._verified: set[int] = set()
+        self._verified: set[tuple[int, str]] = set()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -235,20 +238,17 @@ class Index:
         """D."""
         return int(self.manifest['dim'])
 
-    def _verify(self, first: int, last: int) -> None:
-        """Checks chunks first..last (inclusive) against their commit checksums."""
+    def _verify(self, first: int, last: int, parts: Sequence[str] = _PARTS) -> None:
+        """Checks ``parts`` of chunks first..last (inclusive) against their commit checksums."""
+        arrays = {'vectors': self._vectors, 'norms': self._norms, 'num_targets': self._num_targets}
         for chunk in range(first, last + 1):
-            if chunk in self._verified:
+            todo = [p for p in parts if (chunk, p) not in self._verified]
+            if not todo:
                 continue
             start = chunk * self._chunk_rows
             stop = min(start + self._chunk_rows, len(self.ids))
             want = self._markers[chunk]['sha256']
-            got = {
-                'vectors': _sha(self._vectors[start:stop].read().result()),
-                'norms': _sha(self._norms[start:stop].read().result()),
-                'num_targets': _sha(self._num_targets[start:stop].read().result()),
-            }
-            bad = [k for k in want if want[k] != got[k]]
+            bad = [p for p in todo if want[p] != _sha(arrays[p][start:stop].read().result())]
             if bad:
                 raise IntegrityError(
                     f'Index {self.path}: chunk {chunk} (rows [{start}, {stop})) does not match '
@@ -256,20 +256,22 @@ class Index:
                     "truncated or changed. Delete that chunk's marker "
                     f'(progress/chunk_{chunk:08d}) and re-run the index job to rewrite it.'
                 )
-            self._verified.add(chunk)
+            self._verified.update((chunk, p) for p in todo)
 
     def _verify_rows(self, rows: np.ndarray) -> None:
         if len(rows):
             chunks = np.unique(rows // self._chunk_rows)
             for c in chunks:
-                self._verify(int(c), int(c))
+                self._verify(int(c), int(c), ('vectors',))
 
     def read(self, rows: slice | Sequence[int] | np.ndarray) -> np.ndarray:
         """Vectors of ``rows`` (a slice or row indices) as float32 [n, D], verified."""
         if isinstance(rows, slice):
             start, stop, _ = rows.indices(len(self.ids))
             if stop > start:
-                self._verify(start // self._chunk_rows, (stop - 1) // self._chunk_rows)
+                self._verify(
+                    start // self._chunk_rows, (stop - 1) // self._chunk_rows, ('vectors',)
+                )
             return np.asarray(self._vectors[rows].read().result(), np.float32)
         rows = np.asarray(rows, np.int64)
         self._verify_rows(rows)
@@ -277,12 +279,12 @@ class Index:
 
     def norms(self) -> np.ndarray:
         """||v|| per example (float32 [N]), verified."""
-        self._verify(0, len(self._markers) - 1)
+        self._verify(0, len(self._markers) - 1, ('norms',))
         return np.asarray(self._norms.read().result())
 
     def num_targets(self) -> np.ndarray:
         """Target tokens per example (float32 [N]), verified."""
-        self._verify(0, len(self._markers) - 1)
+        self._verify(0, len(self._markers) - 1, ('num_targets',))
         return np.asarray(self._num_targets.read().result())
 
     def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -243,6 +244,14 @@ def featurize(
         )
         if chunk < writer.num_chunks and not done[chunk]:
             valid = stop - start
+            finite = np.isfinite(out[:valid]).all(axis=1)
+            if not finite.all():
+                bad = [ids[start + i] for i in np.flatnonzero(~finite)]
+                raise ValueError(
+                    f'Non-finite features for examples {bad[:10]} ({len(bad)} in chunk {chunk} '
+                    f'of {url}); nothing of the chunk was stored. Check those examples and '
+                    'the model and optimizer state they were featurized with.'
+                )
             writer.write_chunk(
                 chunk,
                 out[:valid],
@@ -266,7 +275,62 @@ def featurize(
         )
     if procs > 1:
         multihost_utils.sync_global_devices('index_done')
-    return writer.finish()
+    idx = writer.finish()
+    if me == 0:
+        report_outliers(idx)
+    return idx
+
+
+OUTLIER_THRESHOLD = 6.0
+
+
+def norm_outliers(
+    norms: np.ndarray, ids: Sequence[str], threshold: float = OUTLIER_THRESHOLD
+) -> list[dict[str, Any]]:
+    """Examples whose feature norm is extreme, by a robust z-score of log ||φ||.
+
+    z = (log ||φ|| − median) / (1.4826 · MAD), the median absolute deviation scaled to a
+    standard deviation under normality; |z| > ``threshold`` (default 6) is an outlier.
+    Zero norms (examples without targets) are left out. Such examples can dominate R and
+    unnormalised scores: the guard makes them visible, it does not drop them.
+    """
+    norms = np.asarray(norms, np.float64)
+    live = norms > 0
+    if live.sum() < 8:
+        return []
+    logs = np.log(norms[live])
+    med = np.median(logs)
+    mad = 1.4826 * np.median(np.abs(logs - med))
+    if mad == 0:
+        return []
+    z = np.zeros_like(norms)
+    z[live] = (logs - med) / mad
+    rows = np.flatnonzero(live & (np.abs(z) > threshold))
+    return sorted(
+        ({'id': ids[r], 'row': int(r), 'norm': float(norms[r]), 'z': float(z[r])} for r in rows),
+        key=lambda o: -abs(o['z']),
+    )
+
+
+def report_outliers(idx: Index, threshold: float = OUTLIER_THRESHOLD) -> list[dict[str, Any]]:
+    """Writes ``outliers.json`` beside the index and logs the worst few."""
+    found = norm_outliers(idx.norms(), idx.ids, threshold)
+    index_lib.write_text(
+        index_lib.join(idx.path, 'outliers.json'),
+        json.dumps(
+            {'threshold': threshold, 'statistic': 'robust z of log norm', 'outliers': found}
+        ),
+    )
+    if found:
+        logging.warning(
+            'Index %s: %d examples with extreme feature norms (|robust z| > %g), e.g. %s; '
+            'see outliers.json.',
+            idx.path,
+            len(found),
+            threshold,
+            [(o['id'], round(o['z'], 1)) for o in found[:5]],
+        )
+    return found
 
 
 def fit(

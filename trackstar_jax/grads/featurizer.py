@@ -137,6 +137,14 @@ class Featurizer:
             unfused_size,
         )
         self.params = self._place_params(params, min(trace_len, 8))
+        refuse_non_finite(self.params, 'parameters')
+        refuse_non_finite(
+            self.corrections,
+            'optimizer corrections 1/sqrt(V)',
+            'A fresh (step-0) optimizer state has all-zero second moments, so V is '
+            'undefined: pass the state of a trained checkpoint, estimate V '
+            "(launch/estimate_second_moments.py), or use correction='none'.",
+        )
         if mesh is not None:
             # Row/column factors are small: replicated. Elementwise factors are as large
             # as their parameter: sharded like it.
@@ -366,4 +374,27 @@ def check_sufficiently_sharded(params: Any, mesh: Mesh, tolerance: float = 0.5) 
             f'{[name for _, name in replicated]}. Annotate the model with logical axes '
             '(nn.with_logical_partitioning, see sharding.LOGICAL_AXIS_RULES) or use a mesh '
             "with ('model', 1)."
+        )
+
+
+@jax.jit
+def _all_finite(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+
+
+def refuse_non_finite(tree: Any, what: str, hint: str = '') -> None:
+    """Raises ValueError naming the leaves of ``tree`` that hold NaN or Inf.
+
+    The check runs where the arrays live; only one boolean per leaf reaches the host.
+    """
+    flags = jax.device_get(_all_finite(tree))
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, ok in jax.tree_util.tree_leaves_with_path(flags)
+        if not bool(ok)
+    ]
+    if bad:
+        raise ValueError(
+            f'Non-finite {what} in {len(bad)} arrays (first {bad[:5]}): features from them '
+            f'would be NaN. {hint}'.strip()
         )

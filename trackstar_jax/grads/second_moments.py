@@ -151,9 +151,15 @@ def save_moments(directory: str, moments: optax.FactoredState, meta: Mapping[str
         np.savez(os.path.join(tmp, 'moments.npz'), **arrays)
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(dict(meta), f, indent=1)
+        # The old estimate is moved aside, not deleted, until the new one is in place:
+        # a crash leaves one of them readable (load_moments also looks for the aside).
+        old = f'{out}.old'
         if os.path.exists(out):
-            shutil.rmtree(out)
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -162,6 +168,10 @@ def load_moments(directory: str) -> tuple[optax.FactoredState, dict[str, Any]] |
     from flax import traverse_util
 
     root = os.path.join(directory, MOMENTS_DIR)
+    if not os.path.exists(os.path.join(root, 'meta.json')) and os.path.exists(
+        os.path.join(root + '.old', 'meta.json')
+    ):
+        root += '.old'  # a save was interrupted between its two renames
     if not os.path.exists(os.path.join(root, 'meta.json')):
         return None
     with open(os.path.join(root, 'meta.json')) as f:

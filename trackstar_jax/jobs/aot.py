@@ -19,6 +19,7 @@ import jax
 from trackstar_jax import compile as compile_lib
 from trackstar_jax import train
 from trackstar_jax.grads import GradientSpec
+from trackstar_jax.index import write_text
 from trackstar_jax.models import DecoderConfig, DecoderLM, LlamaConfig, LlamaLM
 
 
@@ -79,9 +80,7 @@ def compile_jobs(
             'config': json.loads(json.dumps(dataclasses.asdict(config), default=list)),
             'results': results,
         }
-        with open(path + '.tmp', 'w') as f:
-            json.dump(record, f, indent=1)
-        os.replace(path + '.tmp', path)
+        write_text(path, json.dumps(record, indent=1))
     print(compile_lib.summary(results))
     bad = [r for r in results if r['fits'] is False]
     if bad:

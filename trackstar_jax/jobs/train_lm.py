@@ -22,6 +22,7 @@ from trackstar_jax import checkpoint, train
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import batching
 from trackstar_jax.data import corpus as corpus_lib
+from trackstar_jax.index import write_text
 from trackstar_jax.models import DecoderConfig, DecoderLM
 
 
@@ -177,7 +178,6 @@ def train_lm(
         'checkpoint_dir': os.path.abspath(ckpt_dir),
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'train_metrics.json'), 'w') as f:
-            json.dump(summary, f, indent=1)
+        write_text(os.path.join(workdir, 'train_metrics.json'), json.dumps(summary, indent=1))
     logging.info('Final eval loss %.4f vs unigram entropy %.4f nats/token.', final_eval, entropy)
     return summary
