@@ -184,14 +184,15 @@ def test_user_supplied_facts_and_corpus(tmp_path):
     assert table['Gold (entailing)']['all']['mrr'] == 1.0
     for name in ('Exp 2 (+unit)', 'TrackStar', 'TrackStar@D=16', 'Toy'):
         row = table[name]['all']
-        assert 0.0 <= row['mrr'] <= 1.0 and 0.0 <= row['recall@10'] <= 1.0
+        assert 0.0 <= row['mrr'] <= 1.0 and 0.0 <= row['recall@3'] <= 1.0
         assert np.isfinite(row['tail_patch'])
     assert 0.0 < table['TrackStar']['lam'] < 1.0
     for name in ('results.json', 'results.md', 'report.html'):
         assert os.path.getsize(tmp_path / 'eval' / name) > 0
     html = open(tmp_path / 'eval' / 'report.html').read()
     assert 'The capital of France is' in html and '<code>doc' in html
-    assert '| Toy |' in open(tmp_path / 'eval' / 'results.md').read()
+    md = open(tmp_path / 'eval' / 'results.md').read()
+    assert '| Toy |' in md and 'Recall@3' in md and 'Recall@10' not in md  # the k used
 
     # The jobs (index, query, fit, score) on the same data give the TrackStar row's top-k:
     # one code path.

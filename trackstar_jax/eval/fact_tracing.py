@@ -259,7 +259,7 @@ def _metrics_row(ranking, entailing, deltas, qids, k) -> dict[str, Any] | None:
     tp = [np.mean([deltas[(q, p)] for p in ranking[q][:k]]) for q in qids if ranking[q]]
     return {
         'mrr': metrics.mrr(ranked, ent),
-        'recall@10': metrics.recall_at_k(ranked, ent, 10),
+        f'recall@{min(k, 10)}': metrics.recall_at_k(ranked, ent, min(k, 10)),
         'tail_patch': float(np.mean(tp)) if tp else float('nan'),
         'queries': len(qids),
     }
@@ -419,6 +419,7 @@ def evaluate(
         'num_candidates': len(data.pool),
         'num_correct': len(right),
         'k': k,
+        'recall_at': min(k, 10),  # Recall@10 as in the paper, or @k when fewer are retrieved
         'spec': spec.to_dict(),
         'config': _jsonable(dataclasses.asdict(config)),
         'fit': _jsonable(dataclasses.asdict(fit)),

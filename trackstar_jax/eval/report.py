@@ -22,20 +22,21 @@ def _fmt(row: dict | None, key: str, pct: bool = False) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The methods table: overall, then split by facts the model gets right / wrong."""
+    at = results.get('recall_at', 10)
     lines = [
         f'Queries: {results["num_queries"]} facts ({results["num_correct"]} predicted '
         f'correctly), candidates: {results["num_candidates"]}, k = {results["k"]}. '
         'Tail-patch: mean change in p(target) after one Adafactor step on a proponent, '
         'in percentage points.',
         '',
-        '| Method | MRR | Recall@10 | Tail-patch | MRR (right / wrong) | Tail-patch '
+        f'| Method | MRR | Recall@{at} | Tail-patch | MRR (right / wrong) | Tail-patch '
         '(right / wrong) |',
         '|---|---|---|---|---|---|',
     ]
     for name, r in results['table'].items():
         lam = f' (λ={r["lam"]:.3f})' if r.get('lam') else ''
         lines.append(
-            f'| {name}{lam} | {_fmt(r["all"], "mrr")} | {_fmt(r["all"], "recall@10")} | '
+            f'| {name}{lam} | {_fmt(r["all"], "mrr")} | {_fmt(r["all"], f"recall@{at}")} | '
             f'{_fmt(r["all"], "tail_patch", True)} | {_fmt(r["correct"], "mrr")} / '
             f'{_fmt(r["incorrect"], "mrr")} | {_fmt(r["correct"], "tail_patch", True)} / '
             f'{_fmt(r["incorrect"], "tail_patch", True)} |'
@@ -51,6 +52,7 @@ def _save(fig, path: str) -> None:
 
 def plots(results: dict[str, Any], directory: str) -> list[str]:
     """metrics_by_method.png and dimension_sweep.png (needs matplotlib, the eval extra)."""
+    at = results.get('recall_at', 10)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -65,7 +67,11 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
     axes = fig.subplots(1, 3)
     for ax, (key, label, scale) in zip(
         axes,
-        [('mrr', 'MRR', 1), ('recall@10', 'Recall@10', 1), ('tail_patch', 'Tail-patch (pp)', 100)],
+        [
+            ('mrr', 'MRR', 1),
+            (f'recall@{at}', f'Recall@{at}', 1),
+            ('tail_patch', 'Tail-patch (pp)', 100),
+        ],
         strict=True,
     ):
         vals = [(results['table'][n]['all'] or {}).get(key) for n in names]
