@@ -152,3 +152,26 @@ def test_extreme_norms_are_reported_not_hidden(tmp_path):
     idx = fx.build_index(feat, fx.train_examples(20), tmp_path / 't', chunk_rows=8)
     report = __import__('json').load(open(os.path.join(idx.path, 'outliers.json')))
     assert report['statistic'] == 'robust z of log norm' and isinstance(report['outliers'], list)
+
+
+@pytest.mark.parametrize(
+    'content,match',
+    [
+        (b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n', r':2: not UTF-8'),
+        (b'{"id": "a", "text": null}\n', 'must be a string'),
+        (b'{"id": 7, "text": "x"}\n{"id": "7", "text": "y"}\n', "duplicate example id '7'"),
+        (b'{"id": "a", "text": "x"}\n{oops\n', r':2: not JSON'),
+    ],
+)
+def test_bad_corpus_lines_are_named(tmp_path, content, match):
+    from trackstar_jax.data import corpus as corpus_lib
+
+    path = tmp_path / 'corpus.jsonl'
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        corpus_lib.load_corpus(str(path))
+
+
+def test_repeated_index_ids_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"repeated: \['7'\]"):
+        index.create(str(tmp_path / 'x'), {}, [7, '7', 'a'], dim=2)

@@ -435,7 +435,12 @@ def create(
     if not ids:
         raise ValueError('No examples to index.')
     if len(set(ids)) != len(ids):
-        raise ValueError('Example ids must be unique.')
+        seen, dup = set(), []
+        for i in ids:
+            if i in seen and i not in dup:
+                dup.append(i)
+            seen.add(i)
+        raise ValueError(f'Example ids must be unique (as strings); repeated: {dup[:10]}.')
     if chunk_rows < 1 or dim < 1:
         raise ValueError(f'chunk_rows ({chunk_rows}) and dim ({dim}) must be >= 1.')
     full = {

@@ -31,10 +31,21 @@ REQUIRED_CORPUS_KEYS = ('id', 'text')
 
 
 def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
-    """Yields the records of a JSONL file (gzip if the name ends in .gz)."""
+    """Yields the records of a JSONL file (gzip if the name ends in .gz).
+
+    Raises:
+      ValueError: naming the file and line of a line that is not UTF-8 or not JSON.
+    """
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rt', encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
+    with opener(path, 'rb') as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f'{path}:{line_no}: not UTF-8 (at byte {e.start} of the line); '
+                    're-encode the file as UTF-8.'
+                ) from e
             if line.strip():
                 try:
                     yield json.loads(line)
@@ -60,9 +71,16 @@ def load_corpus(
         missing = [k for k in REQUIRED_CORPUS_KEYS if k not in rec]
         if missing:
             raise ValueError(f'{path}: record {rec!r:.200} lacks {missing}.')
-        if rec['id'] in seen:
-            raise ValueError(f'{path}: duplicate example id {rec["id"]!r}.')
-        seen.add(rec['id'])
+        if not isinstance(rec['text'], str):
+            raise ValueError(
+                f'{path}: record {rec["id"]!r} has text {rec["text"]!r:.40} (must be a string).'
+            )
+        # Ids are compared as the index stores them, as strings: 7 and "7" collide.
+        if str(rec['id']) in seen:
+            raise ValueError(
+                f'{path}: duplicate example id {rec["id"]!r} (ids are compared as strings).'
+            )
+        seen.add(str(rec['id']))
         if sources is None or rec.get('source') in sources:
             out.append(rec)
             if limit is not None and len(out) >= limit:

@@ -155,6 +155,11 @@ class _Data:
 
 def _prepare(records, all_facts, tokenizer, config: EvalConfig) -> _Data:
     facts = select_facts(all_facts, {r['id'] for r in records}, config.num_queries, config.seed)
+    if not facts:
+        raise ValueError(
+            f'No fact has an entailing passage in the corpus ({len(all_facts)} facts, '
+            f'{len(records)} passages): check that entailing_ids name corpus ids.'
+        )
     pool = candidate_pool(records, facts, config.num_distractors, config.seed)
     pool_ids = {r['id'] for r in pool}
     entailing = {f['id']: {i for i in f['entailing_ids'] if i in pool_ids} for f in facts}
