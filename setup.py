@@ -3,7 +3,8 @@
 from setuptools import find_packages, setup
 
 CORE = [
-    'jax>=0.10.0,<0.11',
+    # Tested: jax 0.10.2 on Python 3.11 and jax 0.12.0.1 (flax 0.12.12) on Python 3.12.
+    'jax>=0.10.0,<0.13',
     'flax>=0.12.0,<0.13',
     'optax>=0.2.8,<0.3',
     'orbax-checkpoint>=0.12.0,<0.13',
@@ -25,7 +26,7 @@ EXTRAS = {
     'llama': ['gguf>=0.16,<1', 'tokenizers>=0.19'],
     # The TPU compiler: AOT-compiles for TPU topologies on any machine (launch/compile.py),
     # and runs on TPU VMs.
-    'tpu': ['jax[tpu]>=0.10.0,<0.11'],
+    'tpu': ['jax[tpu]>=0.10.0,<0.13'],
     # grain data sources (ArrayRecord) for pod inputs; no TensorFlow.
     'grain': ['grain>=0.2.18,<0.3', 'array-record>=0.8.6,<0.9'],
     'dev': ['pytest>=8', 'ruff>=0.6'],

@@ -34,7 +34,7 @@ from trackstar_jax.grads import correction as correction_lib
 from trackstar_jax.grads import featurizer as featurizer_lib
 from trackstar_jax.grads import kernel, projection
 from trackstar_jax.grads.featurizer import GradientSpec
-from trackstar_jax.grads.layout import Layout, build_layout
+from trackstar_jax.grads.layout import Layout
 
 JOBS = ('index', 'query', 'train', 'fit', 'score')
 
@@ -149,19 +149,6 @@ def _batch(mesh: Mesh, batch_size: int, seq_len: int) -> tuple[Any, Any]:
     )
 
 
-def abstract_layout(model: nn.Module, spec: GradientSpec, params: Any) -> Layout:
-    """The block layout of the model's params under ``spec`` (shapes only)."""
-    return build_layout(
-        params,
-        block_dim=spec.block_dim,
-        num_layer_blocks=spec.num_layer_blocks,
-        split_attention_mlp=spec.split_attention_mlp,
-        exclude=spec.exclude,
-        layer_pattern=spec.layer_pattern,
-        attention_pattern=spec.attention_pattern,
-    )
-
-
 def index_program(
     model: nn.Module,
     spec: GradientSpec,
@@ -171,7 +158,7 @@ def index_program(
 ) -> tuple[Any, tuple[Any, ...], Layout]:
     """The fused kernel as the index job runs it, with abstract arguments."""
     params = abstract_params(model, config.seq_len, mesh)
-    layout = abstract_layout(model, spec, params)
+    layout = spec.layout(params)
     opt_state = jax.eval_shape(train.make_optimizer(train_config).init, params)
     corrections = jax.eval_shape(
         lambda s: correction_lib.param_corrections(layout, spec.correction, s), opt_state

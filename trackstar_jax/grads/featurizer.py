@@ -75,6 +75,18 @@ class GradientSpec:
         """JSON-serialisable form."""
         return dataclasses.asdict(self)
 
+    def layout(self, params: Any) -> Layout:
+        """The block layout of ``params`` (arrays or shape structs) under this spec."""
+        return build_layout(
+            params,
+            block_dim=self.block_dim,
+            num_layer_blocks=self.num_layer_blocks,
+            split_attention_mlp=self.split_attention_mlp,
+            exclude=self.exclude,
+            layer_pattern=self.layer_pattern,
+            attention_pattern=self.attention_pattern,
+        )
+
 
 class Featurizer:
     """Computes φ(z) = P · (∇θ f(z) / sqrt(V)), block by block, for batches of examples.
@@ -111,15 +123,7 @@ class Featurizer:
         self.spec = spec
         self.mesh = mesh
         params = nn.unbox(params)
-        self.layout: Layout = build_layout(
-            params,
-            block_dim=spec.block_dim,
-            num_layer_blocks=spec.num_layer_blocks,
-            split_attention_mlp=spec.split_attention_mlp,
-            exclude=spec.exclude,
-            layer_pattern=spec.layer_pattern,
-            attention_pattern=spec.attention_pattern,
-        )
+        self.layout: Layout = spec.layout(params)
         self.corrections = correction_lib.param_corrections(self.layout, spec.correction, opt_state)
         trace_len = max_len or getattr(getattr(model, 'config', None), 'max_len', 8)
         dense = kernel.discover_dense_kernels(model, params, min(trace_len, 8))
