@@ -5,18 +5,24 @@ and the rows; :mod:`trackstar_jax.pipeline` is what computes them. Layout under 
 index URL (a local path, ``file://``, ``gs://bucket/...`` or ``memory://name``)::
 
     manifest.json        what the vectors are (the caller's keys, plus dim, dtype,
-                         num_examples, chunk_rows, format_version); written last on create
+                         num_examples, chunk_rows, a hash of the ids, format_version);
+                         written last on create
     ids.json             example ids, row order
     vectors/             zarr3 [N, D] (float32 or bfloat16), one chunk = chunk_rows rows
     num_targets/         zarr3 [N] float32: target tokens per example
     norms/               zarr3 [N] float32: ||v|| of each stored row (taken in float32,
                          before any bfloat16 cast)
-    progress/chunk_K     chunk K's commit marker, written after its rows
+    progress/chunk_K     chunk K's commit marker, written after its rows: the hash of the
+                         manifest it was written under, checksums of its stored vectors,
+                         norms and counts, and a digest of the examples it came from
+    outliers.json        examples with extreme feature norms (``pipeline.report_outliers``)
 
 Chunk K holds rows [K * chunk_rows, (K + 1) * chunk_rows). A chunk is written whole and
 then committed; an unfinished index is one with uncommitted chunks, and :func:`open`
-refuses it. Rewriting a chunk gives the same bytes, so a writer killed at any point and
-restarted finishes the same index with no duplicate or missing rows.
+refuses it. Markers of another manifest do not count, and every read is checked against
+the checksums (:class:`IntegrityError`). Rewriting a chunk gives the same bytes, so a
+writer killed at any point and restarted finishes the same index with no duplicate or
+missing rows.
 
 ``memory://`` URLs live in one in-process store (shared by every handle in the
 process, gone when it exits): for tests and throw-away runs.
