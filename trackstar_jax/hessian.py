@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import time
-from functools import partial
 from typing import Any
 
 import jax
@@ -44,13 +43,6 @@ def apply_blocks(mats: jax.Array, vectors: jax.Array) -> jax.Array:
     v = vectors.reshape(vectors.shape[0], nb, d)
     out = jnp.einsum('nbi,bij->nbj', v, mats, precision=jax.lax.Precision.HIGHEST)
     return out.reshape(vectors.shape)
-
-
-@partial(jax.jit, static_argnums=(2, 3))
-def add_outer(acc: jax.Array, vecs: jax.Array, nb: int, db: int) -> jax.Array:
-    """acc + Σ_rows φ_b φ_bᵀ per block (one streaming step of R)."""
-    v = vecs.reshape(vecs.shape[0], nb, db)
-    return acc + jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.cache

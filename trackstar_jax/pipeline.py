@@ -190,11 +190,12 @@ def featurize(
     manifest = manifest_for(featurizer, config.seq_len, manifest_extra)
     create = dict(dim=featurizer.dim, dtype=config.dtype, chunk_rows=config.chunk_rows)
     procs, me = jax.process_count(), jax.process_index()
-    if me == 0:
-        index_lib.create(url, manifest, ids, **create)
+    # Process 0 creates the index (or re-opens it to resume); the others open it after.
+    writer = index_lib.create(url, manifest, ids, **create) if me == 0 else None
     if procs > 1:
         multihost_utils.sync_global_devices('index_created')
-    writer = index_lib.create(url, manifest, ids, **create)  # opens what process 0 made
+    if writer is None:
+        writer = index_lib.create(url, manifest, ids, **create)
 
     chunk_rows, n = config.chunk_rows, len(ids)
     num_steps = math.ceil(writer.num_chunks / procs)
