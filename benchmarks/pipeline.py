@@ -255,11 +255,7 @@ def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str,
     )
 
     def fresh_best():
-        return (
-            jax.device_put(np.full((q, K), -np.inf, np.float32), rep),
-            jax.device_put(np.full((q, K), np.iinfo(np.int32).max, np.int32), rep),
-            jax.device_put(np.full((q, K), -1, np.int32), rep),
-        )
+        return (scoring.initial_state(mesh, q, K),)
 
     out = {'read_s': read_s, 'read_all_s': read_all_s}
     for name, unit_norm in (('step', True), ('step_no_norm', False)):
@@ -276,7 +272,7 @@ def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str,
         def run_steps(step=step):
             best = fresh_best()
             for vecs, valid, rows, ranks in staged:
-                best = step(*best, queries, vecs, valid, ranks, rows, arrays)
+                best = (step(*best, queries, vecs, valid, ranks, rows, arrays),)
             jax.block_until_ready(best)
 
         run_steps()

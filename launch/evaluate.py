@@ -41,4 +41,6 @@ def evaluate_and_report(*, workdir: str) -> dict:
 
 
 if __name__ == '__main__':
-    launch_common.run(evaluate_and_report, 'fact_tracing_demo.gin', 'evaluate.gin')
+    launch_common.run(
+        evaluate_and_report, 'fact_tracing_demo.gin', 'evaluate.gin', fact_tracing.evaluate
+    )

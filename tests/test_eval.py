@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from trackstar_jax import checkpoint, grads, losses, pipeline, preconditioners, train
+from trackstar_jax import checkpoint, grads, index, losses, pipeline, preconditioners, train
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.eval import fact_tracing, metrics
@@ -111,6 +111,10 @@ TOY = preconditioners.register(
 )
 
 
+@pytest.mark.fault(
+    'Evaluate with k > the candidate passages',
+    'Refused before any method runs, saying the largest k',
+)
 def test_user_supplied_facts_and_corpus(tmp_path):
     """A user's own JSONL facts and corpus run through the evaluation without code; a
     registered preconditioner appears in its table; the jobs give the same top-k."""
@@ -191,6 +195,34 @@ def test_user_supplied_facts_and_corpus(tmp_path):
         assert os.path.getsize(tmp_path / 'eval' / name) > 0
     html = open(tmp_path / 'eval' / 'report.html').read()
     assert 'The capital of France is' in html and '<code>doc' in html
+    assert '<th>MRR [95% CI]</th>' in html and 'data:image/png;base64,' in html
+    assert 'Shown below: 3 of 3 queries' in html
+    # Intervals and paired comparisons agree with the per-query values they summarise.
+    row = table['TrackStar']['all']
+    rr = np.array(out['per_query']['TrackStar']['rr'])
+    assert row['mrr'] == pytest.approx(rr.mean())
+    assert row['mrr_ci'][0] <= row['mrr'] <= row['mrr_ci'][1]
+    pair = next(
+        c
+        for c in out['comparisons']
+        if {c['a'], c['b']} == {'TrackStar', 'Toy'} and c['metric'] == 'rr'
+    )
+    other = np.array(out['per_query'][pair['b']]['rr'])
+    mine = np.array(out['per_query'][pair['a']]['rr'])
+    assert pair['diff'] == pytest.approx((mine - other).mean())
+    # The authors' JSONL format: proponents = the ranking, opponents from the same pass.
+    facts_by_id = {f['id']: f for f in facts}
+    tda = out['outputs']['tda']['TrackStar']
+    lines = [json.loads(x) for x in index.read_checked(tda).splitlines()]
+    assert [x['example_id'] for x in lines] == sorted(facts_by_id)
+    for x in lines:
+        assert x['proponent_ids'] == out['rankings']['TrackStar'][x['example_id']]
+        assert x['inputs_plaintext'] == facts_by_id[x['example_id']]['prompt']
+        assert len(x['opponent_ids']) == 3 and not set(x['opponent_ids']) & set(x['proponent_ids'])
+        assert x['proponent_scores'] == sorted(x['proponent_scores'], reverse=True)
+        assert max(x['opponent_scores']) <= min(x['proponent_scores'])
+        entails = set(facts_by_id[x['example_id']]['entailing_ids'])
+        assert x['proponent_correct'] == [i in entails for i in x['proponent_ids']]
     md = open(tmp_path / 'eval' / 'results.md').read()
     assert '| Toy |' in md and 'Recall@3' in md and 'Recall@10' not in md  # the k used
 
@@ -213,15 +245,36 @@ def test_user_supplied_facts_and_corpus(tmp_path):
         scores = attribution.score(
             workdir=jobs, config=pipeline.ScoreConfig(k=3), preconditioner=pre
         )
-        by_query = {}
-        for line in open(scores):
-            r = json.loads(line)
-            by_query.setdefault(r['query_id'], []).append(r['example_id'])
-        assert by_query == out['rankings'][name], name
+        back = pipeline.ScoreResult.from_jsonl(scores)  # verified against its checksum
+        assert dict(zip(back.query_ids, back.ids, strict=True)) == out['rankings'][name], name
     lam = preconditioners.load(os.path.join(jobs, 'preconditioner')).info.get('lam')
     assert lam is None  # the last fit was the toy's
 
+    # k beyond the candidates is refused before any method runs.
+    with pytest.raises(ValueError, match='k = 9 exceeds the 8 candidate passages'):
+        fact_tracing.evaluate(
+            workdir=str(tmp_path / 'eval_k'),
+            checkpoint_dir=str(tmp_path / 'ckpt'),
+            methods=methods,
+            spec=spec,
+            facts_path=str(tmp_path / 'facts.jsonl'),
+            corpus_path=str(tmp_path / 'corpus.jsonl.gz'),
+            config=fact_tracing.EvalConfig(
+                num_queries=None,
+                num_distractors=None,
+                seq_len=16,
+                query_len=16,
+                k=9,
+                dimension_sweep=(),
+            ),
+        )
+    assert not os.path.exists(tmp_path / 'eval_k' / 'indices')
 
+
+@pytest.mark.fault(
+    'evaluate with a mistyped checkpoint_dir',
+    'FileNotFoundError; no model is trained in its place',
+)
 def test_a_named_checkpoint_that_is_missing_is_an_error_not_a_new_model(tmp_path):
     with pytest.raises(FileNotFoundError, match='No checkpoint in'):
         fact_tracing.evaluate(
@@ -235,6 +288,10 @@ def test_a_named_checkpoint_that_is_missing_is_an_error_not_a_new_model(tmp_path
     assert not os.path.exists(tmp_path / 'typo')
 
 
+@pytest.mark.fault(
+    'evaluate with k = 0, an unknown sweep_method, or a string entailing_ids',
+    'Refused before any work, naming the setting',
+)
 def test_settings_are_checked_before_any_work(tmp_path):
     gold = fact_tracing.Method(name='Gold', kind='gold')
     common = dict(

@@ -154,6 +154,36 @@ def test_scores_equal_brute_force(indices, use_r, unit_norm):
     assert len(lines) == 6 * 7 and '"rank": 1' in lines[0]
 
 
+@pytest.mark.parametrize('use_r', [False, True])
+def test_opponents_equal_brute_force(indices, use_r):
+    """The most negative scores, from the same streamed pass, on the 8-device mesh."""
+    root, train, queries = indices
+    h = pipeline.fit(train, queries) if use_r else None
+    out = os.path.join(root, f'opp_{use_r}.jsonl')
+    res = pipeline.score(
+        queries, train, h, ScoreConfig(k=4, chunk_rows=10, opponents=5), out_path=out
+    )
+    q, t = queries.read(slice(0, 6)), train.read(slice(0, 45))
+    r = h.arrays['r_inv_sqrt'] if h else None
+    rows, _ = _brute_force(q, t, r, True, 4, train.ids)
+    np.testing.assert_array_equal(res.rows, rows)
+    # Opponents: ascending score, ties by id, as the brute force on -score gives them.
+    _, all_scores = _brute_force(q, t, r, True, 45, train.ids)
+    s = np.empty_like(all_scores)
+    order, _ = _brute_force(q, t, r, True, 45, train.ids)
+    np.put_along_axis(s, order, all_scores, 1)
+    low = np.array(
+        [sorted(range(45), key=lambda j, row=row: (row[j], train.ids[j]))[:5] for row in s]
+    )
+    np.testing.assert_array_equal(res.opponent_rows, low)
+    want = np.take_along_axis(s, low, 1)
+    np.testing.assert_allclose(res.opponent_scores, want, rtol=1e-5, atol=1e-6)
+    assert (res.opponent_scores <= res.scores[:, -1:]).all()
+    back = pipeline.ScoreResult.from_jsonl(out)  # opponents round-trip, rank -1, -2, ...
+    np.testing.assert_array_equal(back.opponent_rows, res.opponent_rows)
+    assert back.opponent_ids == res.opponent_ids and back.ids == res.ids
+
+
 def test_identical_for_devices_and_chunk_sizes(indices):
     _, train, queries = indices
     h = pipeline.fit(train, queries)

@@ -123,3 +123,17 @@ def test_compile_launcher_reports_and_refuses(tmp_path):
     assert bad.returncode == 1
     assert 'DOES NOT FIT' in bad.stderr and 'too much' in bad.stderr
     assert json.load(open(tmp_path / 'bad.json'))['results'][0]['fits'] is False
+
+
+def test_readme_reliability_table_is_generated_from_the_tests():
+    """The README's fault table is the tests' ``fault`` marks, not prose kept by hand."""
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'scripts', 'reliability_table.py'), '--check'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    assert readme.count('| `test_faults.py::') >= 30

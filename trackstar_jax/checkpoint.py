@@ -31,17 +31,70 @@ def _path(directory: str) -> epath.Path:
     return epath.Path(directory if '://' in str(directory) else os.path.abspath(directory))
 
 
-def manager(directory: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-    """A CheckpointManager for ``directory`` (a path or ``gs://`` URL; created if missing)."""
+STATE_FINGERPRINT = 'state_fingerprint'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be read back (files missing, cut or changed)."""
+
+
+def manager(
+    directory: str, max_to_keep: int | None = 3, create: bool = True
+) -> ocp.CheckpointManager:
+    """A CheckpointManager for ``directory`` (a path or ``gs://`` URL).
+
+    With ``create`` the directory is made if missing (writers); readers pass False and
+    get a FileNotFoundError that says how to make a checkpoint.
+    """
+    if not create and not _path(directory).is_dir():
+        raise FileNotFoundError(_no_checkpoint(directory))
     return ocp.CheckpointManager(
         _path(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
         item_names=('state', 'config'),
     )
 
 
+def _no_checkpoint(directory: str) -> str:
+    return (
+        f'No checkpoint in {directory}. Train one (launch/train.py --workdir=DIR writes '
+        f'DIR/checkpoints), or import one (launch/import_checkpoint.py --output={directory}), '
+        'or fix the checkpoint_dir setting.'
+    )
+
+
+def _detail(e: Exception) -> str:
+    # TensorStore appends a repr of a bound method and a spec dump: keep what precedes.
+    return str(e).split('See full TensorStore details')[0].strip()[:300]
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, args: Any) -> Any:
+    """``mngr.restore`` with Orbax's errors (often a repr of a bound method or a tree
+    dump) turned into one that names the checkpoint, the step and what to do."""
+    try:
+        return mngr.restore(step, args=args)
+    except Exception as e:
+        others = [s for s in mngr.all_steps() if s != step]
+        raise CheckpointError(
+            f'Checkpoint {mngr.directory} step {step} cannot be read: files of it are '
+            f'missing, cut short or changed, or it holds another model than expected '
+            f'({type(e).__name__}: {_detail(e)}). '
+            + (
+                f'Other steps here: {sorted(others)} (pass one explicitly).'
+                if others
+                else 'No other step is here: re-create the checkpoint.'
+            )
+        ) from e
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any]) -> None:
-    """Saves ``state`` (any pytree of arrays) and a JSON ``config`` at ``step``; blocks."""
+    """Saves ``state`` (any pytree of arrays) and a JSON ``config`` at ``step``; blocks.
+
+    The config also records the state's :func:`fingerprint` (Orbax stores no checksum of
+    array data: a changed byte would restore silently as another number), which
+    :func:`restore` verifies.
+    """
+    config = {**config, STATE_FINGERPRINT: fingerprint(state)}
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -53,9 +106,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: dict[str, A
 
 def restore_config(directory: str, step: int | None = None) -> dict[str, Any]:
     """The JSON config stored with a checkpoint (latest step by default)."""
-    mngr = manager(directory)
+    mngr = manager(directory, create=False)
     step = _resolve_step(mngr, step)
-    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    config = _restore(mngr, step, ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    return {k: v for k, v in config.items() if k != STATE_FINGERPRINT}
 
 
 def restore(
@@ -69,15 +123,24 @@ def restore(
         from :func:`abstract_like`), with the structure of the saved state.
       step: which step; the latest if None.
     """
-    mngr = manager(directory)
+    mngr = manager(directory, create=False)
     step = _resolve_step(mngr, step)
-    out = mngr.restore(
+    out = _restore(
+        mngr,
         step,
-        args=ocp.args.Composite(
+        ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()
         ),
     )
-    return out['state'], out['config'], step
+    config = dict(out['config'])
+    want = config.pop(STATE_FINGERPRINT, None)  # handed back as it was saved
+    if want is not None and fingerprint(out['state']) != want:
+        raise CheckpointError(
+            f'Checkpoint {mngr.directory} step {step}: the restored arrays do not match the '
+            'fingerprint written at save (a file was changed after it was written). '
+            f'Steps here: {sorted(mngr.all_steps())}.'
+        )
+    return out['state'], config, step
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -91,7 +154,7 @@ def latest_step(directory: str) -> int | None:
     """The newest committed step in ``directory``, or None if there is none."""
     if not _path(directory).is_dir():
         return None
-    return manager(directory).latest_step()
+    return manager(directory, create=False).latest_step()
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -146,5 +209,9 @@ def replicated_like(tree: Any, mesh: Mesh) -> Any:
 def _resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f'No checkpoint in {mngr.directory}.')
+        raise FileNotFoundError(_no_checkpoint(str(mngr.directory)))
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(
+            f'No step {step} in {mngr.directory}; its steps are {sorted(mngr.all_steps())}.'
+        )
     return step

@@ -243,9 +243,13 @@ def score_program(layout: Layout, mesh: Mesh, config: CompileConfig) -> tuple[An
     )
     sds = jax.ShapeDtypeStruct
     args = (
-        sds((q, k), jnp.float32, sharding=rep),
-        sds((q, k), jnp.int32, sharding=rep),
-        sds((q, k), jnp.int32, sharding=rep),
+        (
+            (
+                sds((q, k), jnp.float32, sharding=rep),
+                sds((q, k), jnp.int32, sharding=rep),
+                sds((q, k), jnp.int32, sharding=rep),
+            ),
+        ),
         sds((q, layout.dim), jnp.float32, sharding=rep),
         sds((c, layout.dim), jnp.float32, sharding=mat),
         sds((c,), jnp.bool_, sharding=rows),

@@ -30,6 +30,7 @@ process, gone when it exits): for tests and throw-away runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
+from absl import logging
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 FORMAT_VERSION = 2  # 2: model_fingerprint from the on-device param digest
@@ -125,8 +127,15 @@ class Store:
         self._kv.write(key, data).result()
 
     def read_json(self, key: str) -> Any:
-        """The JSON value under ``key``."""
-        return json.loads(self.read_bytes(key))
+        """The JSON value under ``key``; IntegrityError naming it if it is not JSON."""
+        data = self.read_bytes(key)
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IntegrityError(
+                f'{join(self.url, key)} is not readable JSON ({e}): it was cut short or '
+                'changed after it was written.'
+            ) from e
 
     def write_json(self, key: str, value: Any, indent: int | None = None) -> None:
         """Writes ``value`` as JSON under ``key`` atomically."""
@@ -186,6 +195,46 @@ def write_text(url: str, text: str) -> str:
     return write_bytes(url, text.encode())
 
 
+def _checksum_url(url: str) -> str:
+    return str(url) + '.sha256'
+
+
+def write_checked(url: str, data: bytes) -> str:
+    """Writes ``data`` at ``url`` atomically, then its sha256 beside it (``<url>.sha256``).
+
+    The checksum file is in ``sha256sum`` format (``sha256sum -c`` verifies it) and is
+    written second: a crash in between leaves a file whose checksum is missing or stale,
+    which :func:`read_checked` refuses, never a file that passes unverified.
+    """
+    write_bytes(url, data)
+    name = str(url).rstrip('/').rpartition('/')[2]
+    write_text(_checksum_url(url), f'{hashlib.sha256(data).hexdigest()}  {name}\n')
+    return url
+
+
+def read_checked(url: str) -> bytes:
+    """The bytes at ``url``, verified against the checksum :func:`write_checked` wrote.
+
+    Raises:
+      FileNotFoundError: no file at ``url``.
+      IntegrityError: the checksum is missing or does not match.
+    """
+    parent, _, name = str(url).rstrip('/').rpartition('/')
+    store = Store(parent or '.')
+    data = store.read_bytes(name)
+    if not store.exists(name + '.sha256'):
+        raise IntegrityError(
+            f'{url} has no checksum ({name}.sha256): its write was interrupted, or it was '
+            'not written by trackstar_jax. Re-run the job that writes it.'
+        )
+    want = store.read_bytes(name + '.sha256').decode(errors='replace').split()[:1]
+    if want != [hashlib.sha256(data).hexdigest()]:
+        raise IntegrityError(
+            f'{url} does not match its checksum: changed or cut short after it was written.'
+        )
+    return data
+
+
 def _marker(chunk: int) -> str:
     return f'progress/chunk_{chunk:08d}'
 
@@ -205,7 +254,8 @@ class IntegrityError(RuntimeError):
 
 
 def _sha(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:24]
+    # Hashed in place (a uint8 view, no tobytes() copy): the copy cost as much as the hash.
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()[:24]
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -244,25 +294,29 @@ class Index:
         """D."""
         return int(self.manifest['dim'])
 
+    def _check(self, chunk: int, part: str, data: np.ndarray | str) -> None:
+        """Checks ``data`` (chunk's ``part`` as stored, or its digest) against its commit
+        checksum."""
+        if self._markers[chunk]['sha256'][part] != (data if isinstance(data, str) else _sha(data)):
+            start = chunk * self._chunk_rows
+            stop = min(start + self._chunk_rows, len(self.ids))
+            raise IntegrityError(
+                f'Index {self.path}: chunk {chunk} (rows [{start}, {stop})) does not match '
+                f'its commit checksum ({part}): its files were deleted, truncated or changed. '
+                f"Delete that chunk's marker (progress/chunk_{chunk:08d}) and re-run the "
+                'index job to rewrite it.'
+            )
+        self._verified.add((chunk, part))
+
     def _verify(self, first: int, last: int, parts: Sequence[str] = _PARTS) -> None:
         """Checks ``parts`` of chunks first..last (inclusive) against their commit checksums."""
         arrays = {'vectors': self._vectors, 'norms': self._norms, 'num_targets': self._num_targets}
         for chunk in range(first, last + 1):
-            todo = [p for p in parts if (chunk, p) not in self._verified]
-            if not todo:
-                continue
             start = chunk * self._chunk_rows
             stop = min(start + self._chunk_rows, len(self.ids))
-            want = self._markers[chunk]['sha256']
-            bad = [p for p in todo if want[p] != _sha(arrays[p][start:stop].read().result())]
-            if bad:
-                raise IntegrityError(
-                    f'Index {self.path}: chunk {chunk} (rows [{start}, {stop})) does not match '
-                    f'its commit checksum ({", ".join(bad)}): its files were deleted, '
-                    "truncated or changed. Delete that chunk's marker "
-                    f'(progress/chunk_{chunk:08d}) and re-run the index job to rewrite it.'
-                )
-            self._verified.update((chunk, p) for p in todo)
+            for part in parts:
+                if (chunk, part) not in self._verified:
+                    self._check(chunk, part, arrays[part][start:stop].read().result())
 
     def _verify_rows(self, rows: np.ndarray) -> None:
         if len(rows):
@@ -271,17 +325,33 @@ class Index:
                 self._verify(int(c), int(c), ('vectors',))
 
     def read(self, rows: slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        """Vectors of ``rows`` (a slice or row indices) as float32 [n, D], verified."""
-        if isinstance(rows, slice):
-            start, stop, _ = rows.indices(len(self.ids))
-            if stop > start:
-                self._verify(
-                    start // self._chunk_rows, (stop - 1) // self._chunk_rows, ('vectors',)
-                )
-            return np.asarray(self._vectors[rows].read().result(), np.float32)
-        rows = np.asarray(rows, np.int64)
-        self._verify_rows(rows)
-        return np.asarray(self._vectors[ts.d[0].oindex[rows]].read().result(), np.float32)
+        """Vectors of ``rows`` (a slice or row indices) as float32 [n, D], verified.
+
+        A slice touching chunks not yet verified by this handle is read whole-chunk
+        aligned, once: the checksum is taken over the bytes being returned, so verifying
+        costs hashing, not a second read.
+        """
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows, np.int64)
+            self._verify_rows(rows)
+            return np.asarray(self._vectors[ts.d[0].oindex[rows]].read().result(), np.float32)
+        n, cr = len(self.ids), self._chunk_rows
+        start, stop, _ = rows.indices(n)
+        if stop <= start:
+            return np.zeros((0, self.dim), np.float32)
+        first, last = start // cr, (stop - 1) // cr
+        todo = [c for c in range(first, last + 1) if (c, 'vectors') not in self._verified]
+        if not todo:
+            return np.asarray(self._vectors[start:stop].read().result(), np.float32)
+        lo, hi = first * cr, min((last + 1) * cr, n)
+        block = np.asarray(self._vectors[lo:hi].read().result())
+        parts = [block[c * cr - lo : min((c + 1) * cr, n) - lo] for c in todo]
+        # sha256 releases the GIL: chunks are hashed on all cores at once.
+        with concurrent.futures.ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(_sha, parts))
+        for c, digest in zip(todo, digests, strict=True):
+            self._check(c, 'vectors', digest)
+        return block[start - lo : stop - lo].astype(np.float32)
 
     def norms(self) -> np.ndarray:
         """||v|| per example (float32 [N]), verified."""
@@ -339,7 +409,7 @@ class IndexWriter:
             try:
                 chunk = int(key.rsplit('_', 1)[1])
                 marker = self._store.read_json(key)
-            except (ValueError, json.JSONDecodeError):
+            except (ValueError, IntegrityError):
                 continue  # not a marker, or one cut short: the chunk is not committed
             if marker.get('manifest') == self._manifest_digest and chunk < self.num_chunks:
                 out[chunk] = marker
@@ -394,6 +464,7 @@ class IndexWriter:
         self._num_targets[start:stop].write(targets).result()
         if fault_hook:
             fault_hook('meta_written', chunk)
+        self._check_still_mine()
         marker = {
             'rows': [start, stop],
             'manifest': self._manifest_digest,
@@ -403,6 +474,18 @@ class IndexWriter:
         self._store.write_json(_marker(chunk), marker)
         if fault_hook:
             fault_hook('committed', chunk)
+
+    def _check_still_mine(self) -> None:
+        # Another writer that created this URL with other settings at the same time
+        # replaces manifest.json: stop before committing rows under a manifest that is
+        # no longer the index's (its markers would never count, its rows would be lost).
+        current = manifest_digest(self._store.read_json('manifest.json'))
+        if current != self._manifest_digest:
+            raise RuntimeError(
+                f'{self.path}: another writer replaced the manifest with other settings '
+                'while this one was writing. Two jobs with different settings are writing '
+                'the same index: give each its own path.'
+            )
 
     def finish(self) -> Index:
         """The complete index (raises if chunks are still uncommitted)."""
@@ -463,17 +546,28 @@ def create(
     store = Store(url)
     if store.exists('manifest.json'):
         old = store.read_json('manifest.json')
-        if _comparable(old) != _comparable(full):
-            changed = sorted(
-                k
-                for k in set(old) | set(full)
-                if k not in _VOLATILE_KEYS and _comparable(old).get(k) != _comparable(full).get(k)
-            )
+        if _comparable(old) == _comparable(full):
+            return IndexWriter(store, old)
+        changed = sorted(
+            k
+            for k in set(old) | set(full)
+            if k not in _VOLATILE_KEYS and _comparable(old).get(k) != _comparable(full).get(k)
+        )
+        if IndexWriter(store, old).markers():
             raise ValueError(
                 f'{url} holds an index built with other settings ({", ".join(changed)}); '
                 'use a new path or delete it.'
             )
-        return IndexWriter(store, old)
+        # Nothing was committed under the old settings (a run that failed before its
+        # first chunk): there is nothing to keep, so a corrected run starts afresh.
+        logging.warning(
+            '%s: replacing an index with no committed rows built with other settings (%s).',
+            url,
+            ', '.join(changed),
+        )
+        store.delete('manifest.json')
+        for prefix in ('vectors/', 'norms/', 'num_targets/', 'progress/'):
+            store.delete_prefix(prefix)
     n = len(ids)
     store.write_json('ids.json', ids)
     store.create_array('vectors', (n, dim), (chunk_rows, dim), dtype)
@@ -489,11 +583,8 @@ def open(url: str) -> Index:  # noqa: A001 - the API name the jobs use
     store = Store(url)
     if not store.exists('manifest.json'):
         raise FileNotFoundError(f'No index at {url} (no manifest.json).')
-    try:
-        manifest = store.read_json('manifest.json')
-        ids = store.read_json('ids.json')
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IntegrityError(f'Index {url}: manifest.json or ids.json is unreadable ({e}).') from e
+    manifest = store.read_json('manifest.json')  # IntegrityError naming the file if cut
+    ids = store.read_json('ids.json')
     writer = IndexWriter(store, manifest)
     markers = writer.markers()
     missing = [c for c in range(writer.num_chunks) if c not in markers]

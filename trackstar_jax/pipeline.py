@@ -185,6 +185,13 @@ def featurize(
     Returns:
       The finished index.
     """
+    max_len = getattr(getattr(featurizer.model, 'config', None), 'max_len', None)
+    if max_len is not None and config.seq_len > max_len:
+        # Checked before anything is written, so a corrected re-run finds no index.
+        raise ValueError(
+            f"seq_len {config.seq_len} exceeds the model's max_len {max_len}: set "
+            f'IndexConfig.seq_len <= {max_len}.'
+        )
     source = examples_lib.as_source(examples)
     ids = source.ids
     manifest = manifest_for(featurizer, config.seq_len, manifest_extra)

@@ -46,7 +46,7 @@ from trackstar_jax import hessian
 from trackstar_jax import index as index_lib
 from trackstar_jax.index import Index
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-array checksums
 Arrays = Mapping[str, Any]
 
 
@@ -148,10 +148,12 @@ class Preconditioner:
         for name in sorted(everything):
             h.update(np.ascontiguousarray(everything[name]).tobytes())
         tag = f'arrays_{h.hexdigest()[:12]}'
+        checksums = {}
         for name, value in everything.items():
             value = np.asarray(value)  # stored in its own dtype: a round trip is exact
             arr = store.create_array(f'{tag}/{name}', value.shape, value.shape, str(value.dtype))
             arr.write(value).result()
+            checksums[name] = _checksum(value)
         old = (
             store.read_json('preconditioner.json') if store.exists('preconditioner.json') else None
         )
@@ -163,6 +165,7 @@ class Preconditioner:
             'arrays': tag,
             'names': sorted(self.arrays),
             'diagnostics': sorted(self.diagnostics),
+            'sha256': checksums,
         }
         store.write_json('preconditioner.json', meta, indent=1)  # the switch
         if old and old.get('arrays') not in (None, tag):
@@ -176,10 +179,26 @@ def load(url: str) -> Preconditioner:
     if not store.exists('preconditioner.json'):
         raise FileNotFoundError(f'No preconditioner at {url} (no preconditioner.json).')
     meta = store.read_json('preconditioner.json')
+    if meta.get('format_version') != FORMAT_VERSION:
+        raise ValueError(
+            f'Preconditioner {url} has format_version {meta.get("format_version")}; this '
+            f'version reads {FORMAT_VERSION}. Re-run the fit job.'
+        )
     get(meta['kind'])  # a kind this process knows
 
     def read(name: str) -> np.ndarray:
-        return np.asarray(store.open_array(f'{meta["arrays"]}/{name}').read().result())
+        # A deleted array file reads as TensorStore's fill value (zeros) and a changed
+        # one as other numbers: both fail the checksum recorded at save.
+        try:
+            value = np.asarray(store.open_array(f'{meta["arrays"]}/{name}').read().result())
+        except ValueError as e:  # missing or unparsable array metadata
+            raise index_lib.IntegrityError(f'Preconditioner {url}: {name} unreadable ({e}).') from e
+        if _checksum(value) != meta['sha256'][name]:
+            raise index_lib.IntegrityError(
+                f'Preconditioner {url}: {name} does not match the checksum written at save '
+                '(a file was deleted, cut short or changed). Re-run the fit job.'
+            )
+        return value
 
     return Preconditioner(
         meta['kind'],
@@ -188,6 +207,13 @@ def load(url: str) -> Preconditioner:
         meta['manifest'],
         {n: read(f'diag.{n}') for n in meta['diagnostics']},
     )
+
+
+def _checksum(value: np.ndarray) -> str:
+    value = np.ascontiguousarray(value)
+    h = hashlib.sha256(f'{value.dtype}{value.shape}'.encode())
+    h.update(value.tobytes())
+    return h.hexdigest()[:24]
 
 
 def identity(manifest: Mapping[str, Any]) -> Preconditioner:

@@ -43,14 +43,17 @@ class ScoreConfig:
     """How queries are scored.
 
     Attributes:
-      k: proponents per query.
+      k: proponents per query (the highest scores).
       unit_norm: normalise both sides after preconditioning (TrackStar) or not.
       chunk_rows: train rows per streamed chunk.
+      opponents: opponents per query (the most negative scores, from the same pass;
+        0: none).
     """
 
     k: int = 10
     unit_norm: bool = True
     chunk_rows: int = 4096
+    opponents: int = 0
 
 
 NEG_INF = -jnp.inf
@@ -65,29 +68,69 @@ class ScoreResult:
       ids: [Q][k] train example ids, best first.
       rows: int [Q, k] train index rows.
       scores: float32 [Q, k].
+      opponent_ids: [Q][o] train example ids of the most negative scores, most negative
+        first (empty lists when no opponents were asked for).
+      opponent_rows: int [Q, o].
+      opponent_scores: float32 [Q, o].
     """
 
     query_ids: list[str]
     ids: list[list[str]]
     rows: np.ndarray
     scores: np.ndarray
+    opponent_ids: list[list[str]] = dataclasses.field(default_factory=list)
+    opponent_rows: np.ndarray | None = None
+    opponent_scores: np.ndarray | None = None
 
     def records(self):
-        """Yields {'query_id', 'rank', 'example_id', 'score'} rows (rank from 1)."""
+        """Yields {'query_id', 'rank', 'example_id', 'row', 'score'} (rank from 1), and
+        for opponents the same with rank -1, -2, ... (most negative first)."""
+        sides = [(self.ids, self.rows, self.scores, 1)]
+        if self.opponent_rows is not None:
+            sides.append((self.opponent_ids, self.opponent_rows, self.opponent_scores, -1))
         for q, qid in enumerate(self.query_ids):
-            for r in range(self.rows.shape[1]):
-                if self.rows[q, r] >= 0:
-                    yield {
-                        'query_id': qid,
-                        'rank': r + 1,
-                        'example_id': self.ids[q][r],
-                        'score': float(self.scores[q, r]),
-                    }
+            for ids, rows, scores, sign in sides:
+                for r in range(rows.shape[1]):
+                    if rows[q, r] >= 0:
+                        yield {
+                            'query_id': qid,
+                            'rank': sign * (r + 1),
+                            'example_id': ids[q][r],
+                            'row': int(rows[q, r]),
+                            'score': float(scores[q, r]),
+                        }
 
     def to_jsonl(self, path: str) -> str:
-        """Writes :meth:`records` as JSONL (atomically)."""
+        """Writes :meth:`records` as JSONL (atomically), with its checksum beside it."""
         text = ''.join(json.dumps(r) + '\n' for r in self.records())
-        return index_lib.write_text(path, text)
+        return index_lib.write_checked(path, text.encode())
+
+    @classmethod
+    def from_jsonl(cls, path: str) -> ScoreResult:
+        """Reads :meth:`to_jsonl`'s file back, verified against its checksum.
+
+        A query with fewer entries than the others is padded with row -1 and score -inf.
+        """
+        records = [json.loads(line) for line in index_lib.read_checked(path).splitlines()]
+        query_ids = list(dict.fromkeys(r['query_id'] for r in records))
+        where = {q: i for i, q in enumerate(query_ids)}
+
+        def side(sign):
+            mine = [r for r in records if r['rank'] * sign > 0]
+            k = max((abs(r['rank']) for r in mine), default=0)
+            ids = [[''] * k for _ in query_ids]
+            rows = np.full((len(query_ids), k), -1, np.int32)
+            scores = np.full((len(query_ids), k), -np.inf, np.float32)
+            for r in mine:
+                q, j = where[r['query_id']], abs(r['rank']) - 1
+                ids[q][j], rows[q, j], scores[q, j] = r['example_id'], r['row'], r['score']
+            return ids, rows, scores, bool(mine)
+
+        ids, rows, scores, _ = side(1)
+        o_ids, o_rows, o_scores, any_opponents = side(-1)
+        if not any_opponents:
+            return cls(query_ids, ids, rows, scores)
+        return cls(query_ids, ids, rows, scores, o_ids, o_rows, o_scores)
 
 
 def transform(
@@ -118,42 +161,66 @@ def query_transform(mesh: Mesh, kind: str, unit_norm: bool):
 
 
 @functools.cache
-def make_chunk_scorer(mesh: Mesh, k: int, kind: str, unit_norm: bool):
-    """The jit-compiled step folding one train chunk into the running top-k (cached)."""
+def make_chunk_scorer(mesh: Mesh, k: int, kind: str, unit_norm: bool, opponents: int = 0):
+    """The jit-compiled step folding one train chunk into the running top-k (cached).
+
+    ``step(state, queries, vecs, valid, ranks, rows, arrays) -> state``, where state is
+    ((scores, ranks, rows) of the k best,) and, with ``opponents`` > 0, also those of the
+    ``opponents`` most negative scores (kept as the top of -score: the same exact merge,
+    ties again by id). :func:`initial_state` makes the empty state.
+    """
     apply = precond_lib.get(kind).apply
+    sizes = (k, opponents) if opponents else (k,)
 
     def local(queries, vecs, valid, ranks, rows, arrays):
         t = transform(vecs, apply, arrays, unit_norm)
         s = jnp.matmul(queries, t.T, precision=jax.lax.Precision.HIGHEST)  # [Q, C_local]
-        s = jnp.where(valid[None, :], s, NEG_INF)
-        # lax.top_k puts the lower index first among equal scores, and stream_rows
-        # orders each device's rows by id rank: so this is (score desc, id asc) too,
-        # without sorting the whole [Q, C] block.
-        vals, idx = jax.lax.top_k(s, min(k, vecs.shape[0]))
-        top = (vals, ranks[idx], rows[idx])
-        # Gather every device's local top-k and merge them (same result on all).
-        gathered = [jax.lax.all_gather(a, shd.DATA, axis=1, tiled=True) for a in top]
-        return _top_k_sorted(*gathered, min(k, gathered[0].shape[1]))
+        out = []
+        for sign, size in zip((1.0, -1.0), sizes, strict=False):
+            signed = jnp.where(valid[None, :], sign * s, NEG_INF)
+            # lax.top_k puts the lower index first among equal scores, and stream_rows
+            # orders each device's rows by id rank: so this is (score desc, id asc) too,
+            # without sorting the whole [Q, C] block.
+            vals, idx = jax.lax.top_k(signed, min(size, vecs.shape[0]))
+            top = (vals, ranks[idx], rows[idx])
+            # Gather every device's local top-k and merge them (same result on all).
+            gathered = [jax.lax.all_gather(a, shd.DATA, axis=1, tiled=True) for a in top]
+            out.append(_top_k_sorted(*gathered, min(size, gathered[0].shape[1])))
+        return tuple(out)
 
     sharded = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(P(), P(shd.DATA, None), P(shd.DATA), P(shd.DATA), P(shd.DATA), P()),
-        out_specs=(P(), P(), P()),
+        out_specs=tuple((P(), P(), P()) for _ in sizes),
         check_vma=False,
     )
 
-    @partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(best_s, best_r, best_row, queries, vecs, valid, ranks, rows, arrays):
-        s, r, row = sharded(queries, vecs, valid, ranks, rows, arrays)
-        return _top_k_sorted(
-            jnp.concatenate([best_s, s], axis=1),
-            jnp.concatenate([best_r, r], axis=1),
-            jnp.concatenate([best_row, row], axis=1),
-            k,
+    @partial(jax.jit, donate_argnums=(0,))
+    def step(state, queries, vecs, valid, ranks, rows, arrays):
+        new = sharded(queries, vecs, valid, ranks, rows, arrays)
+        return tuple(
+            _top_k_sorted(
+                *(jnp.concatenate(pair, axis=1) for pair in zip(old, got, strict=True)), size
+            )
+            for old, got, size in zip(state, new, sizes, strict=True)
         )
 
     return step
+
+
+def initial_state(mesh: Mesh, num_queries: int, k: int, opponents: int = 0) -> tuple:
+    """The empty running state of :func:`make_chunk_scorer`'s step, replicated on ``mesh``."""
+    rep = shd.replicated(mesh)
+
+    def empty(size):
+        return (
+            jax.device_put(np.full((num_queries, size), -np.inf, np.float32), rep),
+            jax.device_put(np.full((num_queries, size), np.iinfo(np.int32).max, np.int32), rep),
+            jax.device_put(np.full((num_queries, size), -1, np.int32), rep),
+        )
+
+    return tuple(empty(size) for size in ((k, opponents) if opponents else (k,)))
 
 
 def id_ranks(ids: list[str]) -> np.ndarray:
@@ -194,6 +261,11 @@ def score(
     k = config.k
     if k < 1:
         raise ValueError(f'k must be >= 1, got {k}.')
+    if k > len(train):
+        logging.warning(
+            'k = %d > the %d rows of %s: returning all of them.', k, len(train), train.path
+        )
+        k = len(train)
     mesh = mesh or streaming.default_mesh()
     rep = shd.replicated(mesh)
     arrays = jax.device_put(preconditioner.arrays, rep)
@@ -201,12 +273,9 @@ def score(
         jax.device_put(queries_idx.read(slice(0, len(queries_idx))), rep), arrays
     )
     nq = len(queries_idx)
-    best = (
-        jax.device_put(np.full((nq, k), -np.inf, np.float32), rep),
-        jax.device_put(np.full((nq, k), np.iinfo(np.int32).max, np.int32), rep),
-        jax.device_put(np.full((nq, k), -1, np.int32), rep),
-    )
-    step = make_chunk_scorer(mesh, k, preconditioner.kind, config.unit_norm)
+    opponents = min(max(config.opponents, 0), len(train))
+    state = initial_state(mesh, nq, k, opponents)
+    step = make_chunk_scorer(mesh, k, preconditioner.kind, config.unit_norm, opponents)
     t0 = time.time()
     chunk_rows = config.chunk_rows
     chunks = streaming.stream_rows(
@@ -214,8 +283,8 @@ def score(
     )
     for i, (vecs, valid, rows, ranks) in enumerate(chunks):
         # At most two chunks in flight: memory stays flat however long the index is.
-        jax.block_until_ready(best)
-        best = step(*best, queries, vecs, valid, ranks, rows, arrays)
+        jax.block_until_ready(state)
+        state = step(state, queries, vecs, valid, ranks, rows, arrays)
         if i % 16 == 0:
             done = min((i + 1) * chunk_rows, len(train))
             rate = done / max(time.time() - t0, 1e-9)
@@ -227,9 +296,15 @@ def score(
                 rate,
                 (len(train) - done) / rate,
             )
-    scores, _, rows = (np.asarray(jax.device_get(a)) for a in best)
-    ids = [[train.ids[r] if r >= 0 else '' for r in row] for row in rows]
+
+    def host(triple, sign):
+        scores, _, rows = (np.asarray(jax.device_get(a)) for a in triple)
+        return [[train.ids[r] if r >= 0 else '' for r in row] for row in rows], rows, sign * scores
+
+    ids, rows, scores = host(state[0], 1.0)
     result = ScoreResult(list(queries_idx.ids), ids, rows, scores)
+    if opponents:
+        result.opponent_ids, result.opponent_rows, result.opponent_scores = host(state[1], -1.0)
     if out_path and jax.process_index() == 0:
         if index_lib.is_local(out_path):
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

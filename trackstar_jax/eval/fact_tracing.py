@@ -38,7 +38,7 @@ from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import examples as examples_lib
-from trackstar_jax.eval import metrics, report
+from trackstar_jax.eval import metrics, report, stats
 from trackstar_jax.eval import tail_patch as tail_patch_lib
 from trackstar_jax.jobs.common import LoadedModel, checkpoint_tokenizer, load_model
 from trackstar_jax.pipeline import FitConfig, Method, ScoreConfig
@@ -256,18 +256,60 @@ def _baseline_ranking(m: Method, data: _Data, k: int) -> dict[str, list[str]]:
     return dict(zip([f['id'] for f in data.facts], ids, strict=True))
 
 
+def per_query_values(
+    ranking: Mapping[str, Sequence[str]],
+    entailing: Mapping[str, set[str]],
+    deltas: Mapping[tuple[str, str], float],
+    qids: Sequence[str],
+    k: int,
+) -> dict[str, np.ndarray]:
+    """Per query: reciprocal rank, hit@min(k, 10), mean tail-patch Δp over its top k."""
+    at = min(k, 10)
+    return {
+        'rr': np.array([metrics.reciprocal_rank(ranking[q], entailing[q]) for q in qids]),
+        'hit': np.array([float(any(x in entailing[q] for x in ranking[q][:at])) for q in qids]),
+        'tail_patch': np.array(
+            [
+                np.mean([deltas[(q, p)] for p in ranking[q][:k]]) if ranking[q] else np.nan
+                for q in qids
+            ]
+        ),
+    }
+
+
 def _metrics_row(ranking, entailing, deltas, qids, k) -> dict[str, Any] | None:
+    """Each metric's mean over ``qids`` and its 95% bootstrap interval over queries."""
     if not qids:
         return None
-    ranked = [ranking[q] for q in qids]
-    ent = [entailing[q] for q in qids]
-    tp = [np.mean([deltas[(q, p)] for p in ranking[q][:k]]) for q in qids if ranking[q]]
-    return {
-        'mrr': metrics.mrr(ranked, ent),
-        f'recall@{min(k, 10)}': metrics.recall_at_k(ranked, ent, min(k, 10)),
-        'tail_patch': float(np.mean(tp)) if tp else float('nan'),
-        'queries': len(qids),
-    }
+    values = per_query_values(ranking, entailing, deltas, qids, k)
+    row: dict[str, Any] = {'queries': len(qids)}
+    for key, name in (('rr', 'mrr'), ('hit', f'recall@{min(k, 10)}'), ('tail_patch', 'tail_patch')):
+        v = values[key][np.isfinite(values[key])]
+        if not len(v):
+            row[name], row[f'{name}_ci'] = float('nan'), None
+            continue
+        mean, low, high = stats.bootstrap_ci(v)
+        row[name], row[f'{name}_ci'] = mean, [low, high]
+    return row
+
+
+def comparisons(
+    per_query: Mapping[str, Mapping[str, np.ndarray]], names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Every pair of methods on every metric: paired bootstrap interval of the mean
+    difference (a - b) over the same queries, and the sign-flip test's p."""
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for key in ('rr', 'hit', 'tail_patch'):
+                va, vb = per_query[a][key], per_query[b][key]
+                keep = np.isfinite(va) & np.isfinite(vb)
+                if not keep.any():
+                    continue
+                pair = stats.paired_bootstrap(va[keep], vb[keep])
+                pair['p_sign_flip'] = stats.sign_flip_test(va[keep], vb[keep])
+                out.append({'a': a, 'b': b, 'metric': key, 'queries': int(keep.sum()), **pair})
+    return out
 
 
 def _load(checkpoint_dir: str, mesh, train_if_missing: bool) -> LoadedModel:
@@ -340,6 +382,11 @@ def evaluate(
         corpus_lib.load_corpus(corpus_path), corpus_lib.load_facts(facts_path), tokenizer, config
     )
     k = config.k
+    if k > len(data.candidates):
+        raise ValueError(
+            f'EvalConfig.k = {k} exceeds the {len(data.candidates)} candidate passages: '
+            f'set k <= {len(data.candidates)} or raise num_distractors.'
+        )
     logging.info(
         'Evaluation: %d queries, %d candidates (%d entailing).',
         len(data.queries),
@@ -348,19 +395,23 @@ def evaluate(
     )
     correct, predicted, p_target = predictions(loaded, data.queries, tokenizer, config.query_len)
     indices = _gradient_indices(loaded, spec, data, config, mesh, os.path.join(workdir, 'indices'))
-    score_config = ScoreConfig(k=k)
+    # Opponents (the most negative scores) come from the same streamed pass.
+    score_config = ScoreConfig(k=k, opponents=k)
     fitted: dict = {}
+    scored: dict[str, Any] = {}
 
-    def gradient_ranking(m: Method, train, queries):
+    def gradient_ranking(m: Method, train, queries, name=None):
         res, pre = pipeline.run_method(
             m, train, queries, fit, score_config, mesh=mesh, fitted=fitted
         )
+        scored[name or m.name] = res
         info = {key: pre.info[key] for key in ('lam', 'k_component') if key in pre.info}
         return dict(zip(res.query_ids, res.ids, strict=True)), info, pre
 
     rankings: dict[str, dict[str, list[str]]] = {}
     info: dict[str, dict] = {}
-    for m in methods:
+    t_methods = time.time()
+    for i, m in enumerate(methods, 1):
         t0 = time.time()
         if m.kind == 'gradient':
             rankings[m.name], info[m.name], pre = gradient_ranking(
@@ -371,7 +422,15 @@ def evaluate(
         else:
             rankings[m.name] = _baseline_ranking(m, data, k)
         info.setdefault(m.name, {})['seconds'] = time.time() - t0
-        logging.info('Method %s ranked in %.1fs.', m.name, time.time() - t0)
+        eta = (time.time() - t_methods) / i * (len(methods) - i)
+        logging.info(
+            'Method %d of %d (%s) ranked in %.1fs; ETA of the other methods %.0fs.',
+            i,
+            len(methods),
+            m.name,
+            time.time() - t0,
+            eta,
+        )
 
     # Dimension sweep of one method (Figure 2), from sub-blocks of its full index.
     sweep_rows = []
@@ -382,7 +441,7 @@ def evaluate(
             root = os.path.join(os.path.dirname(train.path), f'sub_{block_dim}')
             t_sub, q_sub, dim = sweep_indices(train, queries, block_dim, root)
             name = f'{base.name}@D={dim}'
-            rankings[name], info[name], _ = gradient_ranking(base, t_sub, q_sub)
+            rankings[name], info[name], _ = gradient_ranking(base, t_sub, q_sub, name)
             sweep_rows.append((name, dim))
         sweep_rows.append((base.name, train.dim))
 
@@ -416,6 +475,10 @@ def evaluate(
         | info.get(name, {})
         for name in rankings
     }
+    per_query = {
+        name: per_query_values(rankings[name], data.entailing, deltas, all_q, k)
+        for name in rankings
+    }
     results = {
         'command': None,
         'checkpoint_dir': os.path.abspath(checkpoint_dir),
@@ -432,6 +495,14 @@ def evaluate(
         'methods': {m.name: dataclasses.asdict(m) for m in methods},
         'table': table,
         'dimension_sweep': [{'method': n, 'dim': d, **table[n]['all']} for n, d in sweep_rows],
+        'confidence': 'bootstrap 95% intervals over queries (10,000 resamples, seed 0); '
+        'comparisons: paired bootstrap of the per-query difference and a sign-flip test',
+        'comparisons': comparisons(per_query, [m.name for m in methods]),
+        'query_ids': all_q,
+        'per_query': {
+            n: {key: [x if np.isfinite(x) else None for x in v.tolist()] for key, v in d.items()}
+            for n, d in per_query.items()
+        },
         'rankings': rankings,
         'outputs': {
             name: os.path.join(workdir, name)
@@ -440,6 +511,13 @@ def evaluate(
         'seconds': time.time() - t_start,
     }
     if jax.process_index() == 0:
+        texts = {r['id']: r['text'] for r in data.pool}
+        results['outputs']['tda'] = {
+            name: write_tda_jsonl(
+                os.path.join(workdir, 'tda', f'{_slug(name)}.jsonl'), res, data, texts
+            )
+            for name, res in scored.items()
+        }
         report.write_all(
             workdir,
             results,
@@ -450,11 +528,55 @@ def evaluate(
             predicted,
             correct,
             p_target,
-            {r['id']: r['text'] for r in data.pool},
+            texts,
             config.html_queries,
             k,
+            {n: dict(zip(r.query_ids, r.opponent_ids, strict=True)) for n, r in scored.items()},
         )
     return results
+
+
+def write_tda_jsonl(path: str, res: Any, data: _Data, texts: Mapping[str, str]) -> str:
+    """One method's proponents and opponents per query, in the JSONL format of the
+    TrackStar authors' released results (PAIR-code/pretraining-tda's viewer reads it).
+
+    Fields per query: example_id, inputs_plaintext, targets_plaintext, proponents,
+    proponent_ids, proponent_scores, opponents, opponent_ids, opponent_scores, fact_id,
+    relation, proponent_correct (whether each proponent entails the fact). Written with
+    a checksum beside it.
+    """
+    facts = {f['id']: f for f in data.facts}
+    lines = []
+    for q, qid in enumerate(res.query_ids):
+        f = facts[qid]
+        keep = res.rows[q] >= 0
+        pro = [i for i, ok in zip(res.ids[q], keep, strict=True) if ok]
+        opp_keep = res.opponent_rows[q] >= 0 if res.opponent_rows is not None else []
+        opp = (
+            [i for i, ok in zip(res.opponent_ids[q], opp_keep, strict=True) if ok]
+            if len(opp_keep)
+            else []
+        )
+        lines.append(
+            {
+                'example_id': qid,
+                'inputs_plaintext': f['prompt'],
+                'targets_plaintext': f['target'],
+                'proponents': [texts.get(i, '') for i in pro],
+                'proponent_ids': pro,
+                'proponent_scores': [float(x) for x in res.scores[q][keep]],
+                'opponents': [texts.get(i, '') for i in opp],
+                'opponent_ids': opp,
+                'opponent_scores': (
+                    [float(x) for x in res.opponent_scores[q][opp_keep]] if opp else []
+                ),
+                'fact_id': qid,
+                'relation': f.get('relation', ''),
+                'proponent_correct': [i in data.entailing[qid] for i in pro],
+            }
+        )
+    text = ''.join(json.dumps(line) + '\n' for line in lines)
+    return index_lib.write_checked(path, text.encode())
 
 
 def _check_settings(methods: Sequence[Method], config: EvalConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
@@ -11,37 +12,89 @@ from typing import Any
 
 from absl import logging
 
-from trackstar_jax.index import write_bytes, write_text
+from trackstar_jax.index import write_bytes, write_checked, write_text
+
+_SCALE = {'tail_patch': 100.0}  # Δp(target) is shown in percentage points
 
 
-def _fmt(row: dict | None, key: str, pct: bool = False) -> str:
+def _fmt(row: dict | None, key: str, interval: bool = True) -> str:
+    """'0.412 [0.330, 0.494]' (tail-patch in pp, signed); '–' when there is none."""
     if not row or row.get(key) is None or (isinstance(row[key], float) and math.isnan(row[key])):
         return '–'
-    return f'{100 * row[key]:+.3f}%' if pct else f'{row[key]:.3f}'
+    scale = _SCALE.get(key, 1.0)
+    sign = '+' if key == 'tail_patch' else ''
+    text = f'{scale * row[key]:{sign}.3f}'
+    ci = row.get(f'{key}_ci')
+    if interval and ci:
+        text += f' [{scale * ci[0]:{sign}.3f}, {scale * ci[1]:{sign}.3f}]'
+    return text
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The methods table: overall, then split by facts the model gets right / wrong."""
+    """The methods table (with 95% intervals), then right / wrong splits, then paired
+    comparisons against the reference method."""
     at = results.get('recall_at', 10)
     lines = [
         f'Queries: {results["num_queries"]} facts ({results["num_correct"]} predicted '
         f'correctly), candidates: {results["num_candidates"]}, k = {results["k"]}. '
         'Tail-patch: mean change in p(target) after one Adafactor step on a proponent, '
-        'in percentage points.',
+        'in percentage points (pp). [a, b]: 95% bootstrap interval over queries.',
         '',
-        f'| Method | MRR | Recall@{at} | Tail-patch | MRR (right / wrong) | Tail-patch '
-        '(right / wrong) |',
+        f'| Method | MRR | Recall@{at} | Tail-patch (pp) | MRR (right / wrong) | '
+        'Tail-patch pp (right / wrong) |',
         '|---|---|---|---|---|---|',
     ]
     for name, r in results['table'].items():
         lam = f' (λ={r["lam"]:.3f})' if r.get('lam') else ''
         lines.append(
             f'| {name}{lam} | {_fmt(r["all"], "mrr")} | {_fmt(r["all"], f"recall@{at}")} | '
-            f'{_fmt(r["all"], "tail_patch", True)} | {_fmt(r["correct"], "mrr")} / '
-            f'{_fmt(r["incorrect"], "mrr")} | {_fmt(r["correct"], "tail_patch", True)} / '
-            f'{_fmt(r["incorrect"], "tail_patch", True)} |'
+            f'{_fmt(r["all"], "tail_patch")} | {_fmt(r["correct"], "mrr", False)} / '
+            f'{_fmt(r["incorrect"], "mrr", False)} | '
+            f'{_fmt(r["correct"], "tail_patch", False)} / '
+            f'{_fmt(r["incorrect"], "tail_patch", False)} |'
         )
+    lines += comparison_table(results)
     return '\n'.join(lines) + '\n'
+
+
+def comparison_table(results: dict[str, Any], reference: str | None = None) -> list[str]:
+    """Markdown lines: each method minus ``reference`` (default: the swept method, else
+    the first gradient row), per metric, with the paired interval and sign-flip p."""
+    found = results.get('comparisons') or []
+    names = list(results['table'])
+    reference = reference or (results.get('config') or {}).get('sweep_method')
+    if reference not in names:
+        return []
+    by = {(c['a'], c['b'], c['metric']): c for c in found}
+    at = results.get('recall_at', 10)
+    lines = [
+        '',
+        f'Paired differences, method − {reference} over the same queries: mean [95% paired '
+        'bootstrap interval] (sign-flip test p). * marks an interval that excludes 0.',
+        '',
+        f'| Method | ΔMRR | ΔRecall@{at} | ΔTail-patch (pp) |',
+        '|---|---|---|---|',
+    ]
+    for name in names:
+        if name == reference or '@D=' in name:
+            continue
+        cells = []
+        for metric in ('rr', 'hit', 'tail_patch'):
+            c, sign = by.get((name, reference, metric)), 1.0
+            if c is None:
+                c, sign = by.get((reference, name, metric)), -1.0
+            if c is None:
+                cells.append('–')
+                continue
+            scale = _SCALE.get(metric, 1.0) * sign
+            low, high = sorted((scale * c['low'], scale * c['high']))
+            star = '*' if low > 0 or high < 0 else ''
+            cells.append(
+                f'{scale * c["diff"]:+.3f} [{low:+.3f}, {high:+.3f}]{star} '
+                f'(p={c["p_sign_flip"]:.3g})'
+            )
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    return lines
 
 
 def _save(fig, path: str) -> None:
@@ -74,13 +127,23 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
         ],
         strict=True,
     ):
-        vals = [(results['table'][n]['all'] or {}).get(key) for n in names]
-        vals = [
-            0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v * scale
-            for v in vals
-        ]
-        ax.barh(names[::-1], vals[::-1], color='tab:blue')
-        ax.set_title(label)
+        rows = [results['table'][n]['all'] or {} for n in names]
+        vals, err = [], [[], []]
+        for r in rows:
+            v, ci = r.get(key), r.get(f'{key}_ci')
+            v = 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v * scale
+            vals.append(v)
+            err[0].append(v - ci[0] * scale if ci else 0.0)
+            err[1].append(ci[1] * scale - v if ci else 0.0)
+        ax.barh(
+            names[::-1],
+            vals[::-1],
+            xerr=[err[0][::-1], err[1][::-1]],
+            color='tab:blue',
+            ecolor='k',
+            capsize=2,
+        )
+        ax.set_title(f'{label}, 95% CI')
         ax.axvline(0, color='k', lw=0.6)
     fig.tight_layout()
     path = os.path.join(directory, 'metrics_by_method.png')
@@ -105,70 +168,178 @@ def plots(results: dict[str, Any], directory: str) -> list[str]:
     return out
 
 
+_STYLE = (
+    'body{font:14px sans-serif;max-width:1400px;margin:auto;padding:0 12px}'
+    'table{border-collapse:collapse;margin:6px 0}'
+    'td,th{vertical-align:top;padding:3px 7px;border:1px solid #ddd;text-align:left}'
+    'th{background:#f3f3f3}.ent{background:#d9f2d9}.num{text-align:right;white-space:nowrap}'
+    '.q{border-top:2px solid #888;margin-top:22px}.opp{background:#fbe3e3}'
+    'code{font-size:12px}details{margin:4px 0}img{max-width:100%}'
+)
+
+
+def _summary_html(results: dict[str, Any]) -> str:
+    """The methods table as HTML, with the 95% intervals."""
+    e = html.escape
+    at = results.get('recall_at', 10)
+    head = (
+        '<table><tr><th>Method</th><th>MRR [95% CI]</th>'
+        f'<th>Recall@{at} [95% CI]</th><th>Tail-patch, pp [95% CI]</th>'
+        '<th>MRR right / wrong</th><th>Tail-patch pp right / wrong</th></tr>'
+    )
+    rows = []
+    for name, r in results['table'].items():
+        lam = f' (λ={r["lam"]:.3f})' if r.get('lam') else ''
+        cells = [
+            _fmt(r['all'], 'mrr'),
+            _fmt(r['all'], f'recall@{at}'),
+            _fmt(r['all'], 'tail_patch'),
+            f'{_fmt(r["correct"], "mrr", False)} / {_fmt(r["incorrect"], "mrr", False)}',
+            f'{_fmt(r["correct"], "tail_patch", False)} / '
+            f'{_fmt(r["incorrect"], "tail_patch", False)}',
+        ]
+        rows.append(
+            f'<tr><td>{e(name + lam)}</td>'
+            + ''.join(f'<td class="num">{e(c)}</td>' for c in cells)
+            + '</tr>'
+        )
+    return head + ''.join(rows) + '</table>'
+
+
+def _comparison_html(results: dict[str, Any]) -> str:
+    lines = comparison_table(results)
+    if not lines:
+        return ''
+    e = html.escape
+    caption, table = lines[1], [ln for ln in lines[3:] if ln.startswith('|')]
+    header = [c.strip() for c in table[0].strip('|').split('|')]
+    body = [[c.strip() for c in ln.strip('|').split('|')] for ln in table[2:]]
+    out = [f'<p>{e(caption)}</p><table><tr>' + ''.join(f'<th>{e(h)}</th>' for h in header)]
+    for cells in body:
+        out.append(
+            '<tr>'
+            + ''.join(f'<td{" class=num" if i else ""}>{e(c)}</td>' for i, c in enumerate(cells))
+            + '</tr>'
+        )
+    return ''.join(out) + '</table>'
+
+
+def _img(path: str) -> str:
+    with open(path, 'rb') as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img alt="{html.escape(os.path.basename(path))}" src="data:image/png;base64,{data}">'
+
+
 def html_page(
-    results,
-    facts,
-    rankings,
-    deltas,
-    entailing,
-    predicted,
-    correct,
-    p_target,
-    texts,
+    results: dict[str, Any],
+    facts: list[dict],
+    rankings: dict[str, dict[str, list[str]]],
+    deltas: dict[tuple[str, str], float],
+    entailing: dict[str, set[str]],
+    predicted: dict[str, str],
+    correct: dict[str, bool],
+    p_target: dict[str, float],
+    texts: dict[str, str],
     num_queries: int,
     k: int,
-    methods_shown=('TrackStar', 'BM25'),
+    plot_paths: tuple[str, ...] = (),
+    opponents: dict[str, dict[str, list[str]]] | None = None,
 ) -> str:
-    """A static page: each query, the model's prediction, top proponents per method."""
+    """A static, self-contained page: the summary with intervals, the plots, and for each
+    shown query the model's prediction and every method's top proponents side by side
+    (entailing ones green), each with p(target) after one training step on it."""
     e = html.escape
+    shown = facts[:num_queries]
+    names = list(rankings)
     parts = [
         '<!doctype html><meta charset="utf-8"><title>trackstar_jax fact tracing</title>',
-        '<style>body{font:14px sans-serif;max-width:1100px;margin:auto}'
-        'td{vertical-align:top;padding:2px 6px}.ent{background:#dfd}'
-        '.q{border-top:2px solid #888;margin-top:18px}</style>',
-        '<h1>Fact tracing: top proponents</h1>',
-        f'<p>{results["num_queries"]} queries, {results["num_candidates"]} candidates. '
-        'Rows marked green entail the fact. Δp: change in p(target) after one training '
-        'step on that proponent.</p>',
-        '<pre>' + e(markdown_table(results)) + '</pre>',
+        f'<style>{_STYLE}</style>',
+        '<h1>Fact tracing: which training passages taught each fact?</h1>',
+        f'<p>{results["num_queries"]} queries ({results["num_correct"]} answered correctly '
+        f'by the model), {results["num_candidates"]} candidate passages, k = {k}. Green: '
+        'the passage entails the fact. Tail-patch Δp: change in p(target), in percentage '
+        'points (pp), after one training step on that passage. Intervals: 95% bootstrap '
+        f'over queries. Shown below: {len(shown)} of {len(facts)} queries.</p>',
+        '<h2>Summary</h2>',
+        _summary_html(results),
+        _comparison_html(results),
     ]
-    shown = [m for m in methods_shown if m in rankings]
-    for f in facts[:num_queries]:
+    if plot_paths:
+        parts.append('<h2>Plots</h2>' + ''.join(_img(p) for p in plot_paths))
+    parts.append(f'<h2>Queries ({len(shown)} of {len(facts)})</h2>')
+    for f in shown:
         q = f['id']
-        mark = '✓' if correct[q] else '✗'
+        before = p_target[q]
+        mark = '✓ correct' if correct[q] else '✗ wrong'
         parts.append(
-            f'<div class="q"><h3>{e(f["prompt"])}<u>{e(f["target"])}</u></h3>'
-            f'<p>model predicts: <b>{e(predicted[q])}</b> {mark} '
-            f'(p(target) = {p_target[q]:.4f})</p>'
+            f'<div class="q"><h3>{e(f["prompt"])}<u>{e(f["target"])}</u> '
+            f'<small>({e(q)}, {e(f.get("relation", ""))})</small></h3>'
+            f'<p>Model predicts <b>{e(predicted[q])}</b> ({mark}); p(target) = '
+            f'{100 * before:.3f}%.</p><table><tr><th>#</th>'
+            + ''.join(f'<th>{e(m)}</th>' for m in names)
+            + '</tr>'
         )
-        for m in shown:
-            parts.append(f'<p><b>{e(m)}</b></p><table>')
-            for rank, pid in enumerate(rankings[m][q][:k], 1):
-                cls = ' class="ent"' if pid in entailing[q] else ''
+        for rank in range(k):
+            cells = []
+            for m in names:
+                ranked = rankings[m].get(q, [])
+                if rank >= len(ranked):
+                    cells.append('<td></td>')
+                    continue
+                pid = ranked[rank]
                 d = deltas.get((q, pid))
-                parts.append(
-                    f'<tr{cls}><td>{rank}</td><td><code>{e(pid)}</code></td>'
-                    f'<td>{"" if d is None else f"Δp {100 * d:+.3f}pp"}</td>'
-                    f'<td>{e(texts.get(pid, "")[:300])}</td></tr>'
+                after = (
+                    '' if d is None else (f'<br>Δp {100 * d:+.3f} pp → {100 * (before + d):.3f}%')
                 )
-            parts.append('</table>')
-        parts.append('</div>')
+                cls = ' class="ent"' if pid in entailing[q] else ''
+                cells.append(
+                    f'<td{cls} title="{e(texts.get(pid, "")[:400])}"><code>{e(pid)}</code>'
+                    f'{after}</td>'
+                )
+            parts.append(f'<tr><td>{rank + 1}</td>' + ''.join(cells) + '</tr>')
+        parts.append('</table>')
+        for m in names[:1] + [
+            n for n in names if n == results.get('config', {}).get('sweep_method')
+        ]:
+            opp = (opponents or {}).get(m, {}).get(q)
+            if opp:
+                parts.append(
+                    f'<details><summary>{e(m)}: opponents (most negative scores)</summary>'
+                    '<table>'
+                    + ''.join(
+                        f'<tr class="opp"><td>{i + 1}</td><td><code>{e(pid)}</code></td>'
+                        f'<td>{e(texts.get(pid, "")[:300])}</td></tr>'
+                        for i, pid in enumerate(opp)
+                    )
+                    + '</table></details>'
+                )
+        top = {pid for m in names for pid in rankings[m].get(q, [])[:k]}
+        parts.append(
+            '<details><summary>Passages retrieved for this query</summary><table>'
+            + ''.join(
+                f'<tr{" class=ent" if pid in entailing[q] else ""}><td><code>{e(pid)}</code>'
+                f'</td><td>{e(texts.get(pid, "")[:400])}</td></tr>'
+                for pid in sorted(top)
+            )
+            + '</table></details></div>'
+        )
     return '\n'.join(parts)
 
 
 def write_all(
-    directory,
-    results,
-    facts,
-    rankings,
-    deltas,
-    entailing,
-    predicted,
-    correct,
-    p_target,
-    texts,
-    html_queries,
-    k,
+    directory: str,
+    results: dict[str, Any],
+    facts: list[dict],
+    rankings: dict[str, dict[str, list[str]]],
+    deltas: dict[tuple[str, str], float],
+    entailing: dict[str, set[str]],
+    predicted: dict[str, str],
+    correct: dict[str, bool],
+    p_target: dict[str, float],
+    texts: dict[str, str],
+    html_queries: int,
+    k: int,
+    opponents: dict[str, dict[str, list[str]]] | None = None,
 ) -> dict[str, str]:
     """Writes results.json, results.md, the plots and report.html into ``directory``."""
     paths = {
@@ -177,24 +348,26 @@ def write_all(
         'html': os.path.join(directory, 'report.html'),
     }
     # Each file is written under a temporary name and renamed: never half a report.
-    write_text(paths['json'], json.dumps(results, indent=1))
+    # results.json, the one a program reads back, also gets a checksum (read_checked).
+    write_checked(paths['json'], json.dumps(results, indent=1).encode())
     write_text(paths['markdown'], markdown_table(results))
-    write_text(
-        paths['html'],
-        html_page(
-            results,
-            facts,
-            rankings,
-            deltas,
-            entailing,
-            predicted,
-            correct,
-            p_target,
-            texts,
-            html_queries,
-            k,
-        ),
-    )
-    for p in plots(results, directory):
+    plot_paths = plots(results, directory)
+    for p in plot_paths:
         paths[os.path.basename(p)] = p
+    page = html_page(
+        results,
+        facts,
+        rankings,
+        deltas,
+        entailing,
+        predicted,
+        correct,
+        p_target,
+        texts,
+        html_queries,
+        k,
+        tuple(plot_paths),
+        opponents,
+    )
+    write_text(paths['html'], page)
     return paths

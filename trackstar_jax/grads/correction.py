@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from trackstar_jax.grads.layout import Layout, path_str
 
@@ -123,7 +124,8 @@ def param_corrections(
       layout: the parameter layout.
       correction: one of 'adafactor', 'adam', 'none'.
       opt_state: the optax state of these params (or an ``estimate_second_moments``
-        result); required unless correction is 'none'.
+        result); required unless correction is 'none'. Boxed leaves (an optimizer
+        initialised on ``nn.LogicallyPartitioned`` params) are unboxed, as the params are.
 
     Raises:
       ValueError: for an unknown correction, a missing state, or a state that does not
@@ -139,6 +141,9 @@ def param_corrections(
             f'correction={correction!r} needs opt_state (or use '
             'grads.estimate_second_moments for checkpoints without one).'
         )
+    # optax maps over the arrays inside boxes, so a state initialised on boxed params
+    # holds boxes too: unbox it exactly as the params are unboxed, so the paths agree.
+    opt_state = nn.unbox(opt_state)
     out = {}
     if correction == 'adafactor':
         state = _find_state(opt_state, optax.FactoredState)

@@ -111,7 +111,8 @@ class Featurizer:
         Args:
           model: any Flax linen LM, ``model.apply({'params': p}, tokens[B, T])`` ->
             logits [B, T, V].
-          params: its parameters (boxed ``nn.Partitioned`` leaves are unboxed).
+          params: its parameters (boxed ``nn.Partitioned`` leaves are unboxed, and so
+            are those of ``opt_state``).
           spec: the gradient spec.
           opt_state: optax state of ``params`` (Adafactor or Adam), or the output of
             ``estimate_second_moments``; needed unless spec.correction == 'none'.

@@ -15,6 +15,7 @@ Cost: one forward + backward per example; per-example gradients are formed for
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -150,7 +151,9 @@ def save_moments(directory: str, moments: optax.FactoredState, meta: Mapping[str
         os.makedirs(tmp, exist_ok=True)
         np.savez(os.path.join(tmp, 'moments.npz'), **arrays)
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(dict(meta), f, indent=1)
+            json.dump(
+                {**meta, 'moments_sha256': _file_sha(os.path.join(tmp, 'moments.npz'))}, f, indent=1
+            )
         # The old estimate is moved aside, not deleted, until the new one is in place:
         # a crash leaves one of them readable (load_moments also looks for the aside).
         old = f'{out}.old'
@@ -161,6 +164,14 @@ def save_moments(directory: str, moments: optax.FactoredState, meta: Mapping[str
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _file_sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_moments(directory: str) -> tuple[optax.FactoredState, dict[str, Any]] | None:
@@ -174,8 +185,22 @@ def load_moments(directory: str) -> tuple[optax.FactoredState, dict[str, Any]] |
         root += '.old'  # a save was interrupted between its two renames
     if not os.path.exists(os.path.join(root, 'meta.json')):
         return None
-    with open(os.path.join(root, 'meta.json')) as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(root, 'meta.json')) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f'{root}/meta.json is cut short or changed ({e}).') from e
+    npz = os.path.join(root, 'moments.npz')
+    if 'moments_sha256' not in meta:
+        raise RuntimeError(
+            f'{root} was written without a checksum (by an older version): re-run '
+            'launch/estimate_second_moments.py.'
+        )
+    if not os.path.exists(npz) or _file_sha(npz) != meta.get('moments_sha256'):
+        raise RuntimeError(
+            f'{npz} is missing or does not match the checksum in meta.json (deleted, cut '
+            'short or changed): re-run launch/estimate_second_moments.py.'
+        )
     fields: dict[str, dict[str, np.ndarray]] = {k: {} for k in _FIELDS}
     with np.load(os.path.join(root, 'moments.npz')) as z:
         count = z['count']

@@ -249,14 +249,15 @@ def fit(
 def score(
     *,
     workdir: str,
-    config: pipeline.ScoreConfig = pipeline.ScoreConfig(),
+    config: pipeline.ScoreConfig = pipeline.ScoreConfig(opponents=10),
     query_index: str = 'query_index',
     train_index: str = 'train_index',
     preconditioner: str | None = 'preconditioner',
     mesh_axes: MeshAxes = DEFAULT_MESH,
     output: str = 'scores.jsonl',
 ) -> str:
-    """Exact top-k proponents of every query into ``output`` (JSONL).
+    """Exact top-k proponents (and opponents, the most negative scores) of every query
+    into ``output`` (JSONL, rank 1.. for proponents and -1.. for opponents).
 
     ``preconditioner`` names a saved one (from the fit job), or None for the identity.
     """

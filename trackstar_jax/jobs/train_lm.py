@@ -33,6 +33,29 @@ def unigram_entropy(rows: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Refuses to resume a checkpoint of another model (or optimizer-state layout).
+
+    Raises:
+      ValueError: naming each setting that differs, the saved and the asked value.
+    """
+    diffs = [
+        f'model.{k}: {saved["model"].get(k)!r} saved, {v!r} now'
+        for k, v in current['model'].items()
+        if saved['model'].get(k) != v
+    ]
+    key = 'min_dim_size_to_factor'  # decides which second moments are factored
+    if saved['train'].get(key) != current['train'][key]:
+        diffs.append(
+            f'train.{key}: {saved["train"].get(key)!r} saved, {current["train"][key]!r} now'
+        )
+    if diffs:
+        raise ValueError(
+            f'{where} holds a checkpoint of another model, so training cannot resume from '
+            f'it ({"; ".join(diffs)}). Use another --workdir, or restore the settings.'
+        )
+
+
 @gin.configurable(denylist=['workdir'])
 def train_lm(
     *,
@@ -102,6 +125,7 @@ def train_lm(
     }
     start = 0
     if mngr.latest_step() is not None:
+        check_resumable(checkpoint.restore_config(ckpt_dir), config_record, ckpt_dir)
         state, _, start = checkpoint.restore(ckpt_dir, checkpoint.abstract_like(state, shardings))
         logging.info('Resumed from step %d.', start)
     step_fn = train.make_train_step(model, tx, mesh, shardings)

@@ -316,7 +316,20 @@ def read_gguf(path: str) -> tuple[LlamaConfig, dict[str, Any], Any, dict[str, in
     """(config, params as numpy float32, tokenizer, special token ids) of a GGUF file."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    size = os.path.getsize(path)  # FileNotFoundError names a missing file
+    try:
+        reader = gguf.GGUFReader(path)
+        need = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # the reader's errors say nothing of the file (reshape, mmap)
+        raise ValueError(
+            f'{path} ({size} bytes) is not a complete GGUF file ({type(e).__name__}: {e}); '
+            'it may be cut short: download it again.'
+        ) from e
+    if size < need or not reader.tensors:
+        raise ValueError(
+            f'{path} is cut short: its tensors need {need} bytes, the file has {size}; '
+            'download it again.'
+        )
     tensors = _dequantized(reader)
     if 'token_embd.weight' not in tensors:
         raise ValueError(f'{path} has no token_embd.weight.')
