@@ -72,6 +72,40 @@ def test_changed_bytes_do_not_pass(built, damage):
         pipeline.score(queries, index.open(train.path))
 
 
+@fault(
+    'An index written when markers recorded sha256 (before CRC-32)',
+    'Opens and is verified with the checksum its markers name',
+)
+def test_markers_written_with_sha256_are_still_verified(built):
+    """Indices written before markers recorded CRC-32 still open and are still checked."""
+    import hashlib
+    import json
+
+    _, train, _ = built
+    progress = os.path.join(train.path, 'progress')
+    vectors = train.read(slice(0, 20))
+    for name in sorted(os.listdir(progress)):
+        path = os.path.join(progress, name)
+        marker = json.load(open(path))
+        start, stop = marker['rows']
+        digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:24]
+        marker['sha256'] = {
+            'vectors': digest(vectors[start:stop]),
+            'norms': digest(train.norms()[start:stop]),
+            'num_targets': digest(train.num_targets()[start:stop]),
+        }
+        del marker['crc32']
+        json.dump(marker, open(path, 'w'))
+    again = index.open(train.path)
+    np.testing.assert_array_equal(again.read(slice(0, 20)), vectors)
+    np.testing.assert_array_equal(again.norms(), train.norms())
+    data = bytearray(open(_chunk_files(train.path)[1], 'rb').read())
+    data[len(data) // 2] ^= 0x01
+    open(_chunk_files(train.path)[1], 'wb').write(bytes(data))
+    with pytest.raises(index.IntegrityError, match='chunk 1'):
+        index.open(train.path).read(slice(0, 20))
+
+
 class Crash(Exception):
     pass
 

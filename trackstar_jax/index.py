@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -253,9 +254,28 @@ class IntegrityError(RuntimeError):
     """Stored bytes that are not what was committed (missing, truncated or changed)."""
 
 
+def _bytes(a: np.ndarray) -> np.ndarray:
+    # A uint8 view, hashed in place: a tobytes() copy cost as much as the hash.
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
 def _sha(a: np.ndarray) -> str:
-    # Hashed in place (a uint8 view, no tobytes() copy): the copy cost as much as the hash.
-    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()[:24]
+    return hashlib.sha256(_bytes(a)).hexdigest()[:24]
+
+
+def _crc(a: np.ndarray) -> str:
+    return f'{zlib.crc32(_bytes(a)):08x}'
+
+
+# Chunk checksums guard against accidental damage (deleted, cut or changed files), so
+# CRC-32 (zlib, ~4x sha256's speed here, releases the GIL) is what markers record now;
+# markers written with sha256 are still verified with it.
+_CHUNK_DIGESTS = {'crc32': _crc, 'sha256': _sha}
+
+
+def _marker_digest(marker: Mapping[str, Any]) -> tuple[str, Callable[[np.ndarray], str]]:
+    algorithm = next(a for a in _CHUNK_DIGESTS if a in marker)
+    return algorithm, _CHUNK_DIGESTS[algorithm]
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -297,7 +317,9 @@ class Index:
     def _check(self, chunk: int, part: str, data: np.ndarray | str) -> None:
         """Checks ``data`` (chunk's ``part`` as stored, or its digest) against its commit
         checksum."""
-        if self._markers[chunk]['sha256'][part] != (data if isinstance(data, str) else _sha(data)):
+        algorithm, digest = _marker_digest(self._markers[chunk])
+        got = data if isinstance(data, str) else digest(data)
+        if self._markers[chunk][algorithm][part] != got:
             start = chunk * self._chunk_rows
             stop = min(start + self._chunk_rows, len(self.ids))
             raise IntegrityError(
@@ -346,12 +368,14 @@ class Index:
         lo, hi = first * cr, min((last + 1) * cr, n)
         block = np.asarray(self._vectors[lo:hi].read().result())
         parts = [block[c * cr - lo : min((c + 1) * cr, n) - lo] for c in todo]
-        # sha256 releases the GIL: chunks are hashed on all cores at once.
+        # zlib.crc32 and sha256 release the GIL: chunks are hashed on all cores at once.
         with concurrent.futures.ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
-            digests = list(pool.map(_sha, parts))
+            digests = list(
+                pool.map(lambda c, a: _marker_digest(self._markers[c])[1](a), todo, parts)
+            )
         for c, digest in zip(todo, digests, strict=True):
             self._check(c, 'vectors', digest)
-        return block[start - lo : stop - lo].astype(np.float32)
+        return np.asarray(block[start - lo : stop - lo], np.float32)  # no copy for float32
 
     def norms(self) -> np.ndarray:
         """||v|| per example (float32 [N]), verified."""
@@ -468,7 +492,7 @@ class IndexWriter:
         marker = {
             'rows': [start, stop],
             'manifest': self._manifest_digest,
-            'sha256': {'vectors': _sha(stored), 'norms': _sha(norms), 'num_targets': _sha(targets)},
+            'crc32': {'vectors': _crc(stored), 'norms': _crc(norms), 'num_targets': _crc(targets)},
             'input': input_digest,
         }
         self._store.write_json(_marker(chunk), marker)
