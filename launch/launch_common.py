@@ -111,7 +111,10 @@ def run(
 
     def main(argv):
         del argv
-        logging.getLogger('absl').addFilter(_QuietLibraries())
+        quiet = _QuietLibraries()
+        # gin logs through the root logger, Orbax through absl's: filter both.
+        for logger in (logging.getLogger(), logging.getLogger('absl')):
+            logger.addFilter(quiet)
         import jax
 
         from trackstar_jax import gin_utils

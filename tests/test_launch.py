@@ -137,3 +137,18 @@ def test_readme_reliability_table_is_generated_from_the_tests():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     readme = open(os.path.join(ROOT, 'README.md')).read()
     assert readme.count('| `test_faults.py::') >= 30
+
+
+def test_readme_fact_tracing_table_is_generated_from_the_benchmark_json():
+    """The README's fact-tracing table and verdicts are the committed benchmark's."""
+    import importlib.util
+    import json
+
+    path = os.path.join(ROOT, 'benchmarks', 'fact_tracing.py')
+    spec = importlib.util.spec_from_file_location('fact_tracing_benchmark', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(module.OUT) as f:
+        result = json.load(f)
+    assert len(result['runs']) == 2 and result['claims']
+    assert module.write_readme(result, check=True), 'run benchmarks/fact_tracing.py --readme_only'

@@ -16,6 +16,7 @@ import jax
 
 from trackstar_jax import compile as compile_lib
 from trackstar_jax import grads, pipeline, train
+from trackstar_jax.data import mixture as mixture_lib
 from trackstar_jax.eval import fact_tracing
 from trackstar_jax.jobs import aot, attribution, train_lm  # noqa: F401 (registers the jobs)
 from trackstar_jax.models import decoder, llama
@@ -34,6 +35,7 @@ FitConfig = gin.external_configurable(pipeline.FitConfig, module='trackstar_jax'
 ScoreConfig = gin.external_configurable(pipeline.ScoreConfig, module='trackstar_jax')
 Method = gin.external_configurable(pipeline.Method, module='trackstar_jax')
 EvalConfig = gin.external_configurable(fact_tracing.EvalConfig, module='trackstar_jax')
+FactMixture = gin.external_configurable(mixture_lib.FactMixture, module='trackstar_jax')
 
 
 def parse(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:

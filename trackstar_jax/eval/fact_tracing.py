@@ -38,6 +38,7 @@ from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import examples as examples_lib
+from trackstar_jax.data import mixture as mixture_lib
 from trackstar_jax.eval import metrics, report, stats
 from trackstar_jax.eval import tail_patch as tail_patch_lib
 from trackstar_jax.jobs.common import LoadedModel, checkpoint_tokenizer, load_model
@@ -346,6 +347,7 @@ def evaluate(
     fit: FitConfig = FitConfig(),
     train_if_missing: bool = False,
     mesh_axes: Sequence[tuple[str, int]] = ((shd.DATA, -1), (shd.MODEL, 1)),
+    mixture: mixture_lib.FactMixture | None = None,
 ) -> dict[str, Any]:
     """Runs the fact-tracing evaluation; writes its outputs under ``workdir`` and returns them.
 
@@ -367,10 +369,20 @@ def evaluate(
         ``checkpoint_dir`` is None and ``workdir/checkpoints`` holds no checkpoint (the
         embedded default); a named ``checkpoint_dir`` without a checkpoint is an error.
       mesh_axes: the mesh.
+      mixture: the model was trained on this fact-dense mixture (``train_lm.mixture``):
+        its evaluated facts are the queries and every passage of it is a candidate
+        (``config.num_queries`` and ``num_distractors`` are then not used).
     """
     t_start = time.time()
     _check_settings(methods, config)
     os.makedirs(workdir, exist_ok=True)
+    mixture_summary = None
+    if mixture is not None:
+        paths = mixture_lib.write(workdir, mixture, corpus_path, facts_path)
+        corpus_path, facts_path = paths['passages'], paths['facts']
+        config = dataclasses.replace(config, num_queries=None, num_distractors=None)
+        with open(paths['summary']) as f:
+            mixture_summary = json.load(f)
     mesh = shd.make_mesh(mesh_axes)
     # Training stands in only for the workdir's own model: a checkpoint_dir the user
     # names (perhaps mistyped) is never silently replaced by a freshly trained model.
@@ -489,6 +501,7 @@ def evaluate(
         'k': k,
         'recall_at': min(k, 10),  # Recall@10 as in the paper, or @k when fewer are retrieved
         'spec': spec.to_dict(),
+        'mixture': mixture_summary,
         'config': _jsonable(dataclasses.asdict(config)),
         'fit': _jsonable(dataclasses.asdict(fit)),
         'damping': fit.damping,

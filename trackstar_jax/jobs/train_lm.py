@@ -22,6 +22,7 @@ from trackstar_jax import checkpoint, train
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import batching
 from trackstar_jax.data import corpus as corpus_lib
+from trackstar_jax.data import mixture as mixture_lib
 from trackstar_jax.index import write_text
 from trackstar_jax.models import DecoderConfig, DecoderLM
 
@@ -68,6 +69,8 @@ def train_lm(
     max_documents: int | None = None,
     eval_fraction: float = 0.02,
     eval_batches: int = 8,
+    mixture: mixture_lib.FactMixture | None = None,
+    facts_path: str = corpus_lib.FACTS_PATH,
 ) -> dict[str, Any]:
     """Trains ``model_config`` on the corpus and checkpoints into ``workdir/checkpoints``.
 
@@ -81,6 +84,9 @@ def train_lm(
       max_documents: use only the first this many documents (None: all).
       eval_fraction: fraction of packed rows held out for the eval loss.
       eval_batches: held-out batches averaged for the eval loss.
+      mixture: train on this fact-dense mixture of ``corpus_path`` and ``facts_path``
+        (built into ``workdir/mixture/``) instead of the corpus itself.
+      facts_path: the facts the mixture is built from.
 
     Returns:
       A summary dict (also written to ``workdir/train_metrics.json``).
@@ -93,6 +99,12 @@ def train_lm(
         )
     if train_config.seq_len > model_config.max_len:
         raise ValueError(f'seq_len {train_config.seq_len} > max_len {model_config.max_len}.')
+    mixture_summary = None
+    if mixture is not None:
+        paths = mixture_lib.write(workdir, mixture, corpus_path, facts_path)
+        corpus_path = paths['corpus']
+        with open(paths['summary']) as f:
+            mixture_summary = json.load(f)
     docs = corpus_lib.load_corpus(corpus_path, limit=max_documents)
     t0 = time.time()
     rows = batching.pack(
@@ -200,7 +212,19 @@ def train_lm(
         'train': train_config.to_dict(),
         'mesh': dict(mesh.shape),
         'checkpoint_dir': os.path.abspath(ckpt_dir),
+        # How often the model saw each training row (and so each passage of a mixture).
+        'epochs': train_config.num_steps * train_config.batch_size / max(len(train_rows), 1),
     }
+    if mixture_summary is not None:
+        summary['mixture'] = mixture_summary
+        logging.info(
+            'Mixture: %d evaluated facts (glosses only), %d held-in facts (gloss + '
+            'statement), %d distractors; each seen %.1f times.',
+            mixture_summary['eval_facts'],
+            mixture_summary['heldin_facts'],
+            mixture_summary['distractors'],
+            summary['epochs'] * mixture_summary['config']['repeats'],
+        )
     if jax.process_index() == 0:
         write_text(os.path.join(workdir, 'train_metrics.json'), json.dumps(summary, indent=1))
     logging.info('Final eval loss %.4f vs unigram entropy %.4f nats/token.', final_eval, entropy)
