@@ -160,6 +160,31 @@ def agreement(first: dict, second: dict) -> dict:
     return {'inside': inside, 'total': total, 'max_abs_diff': worst, 'rows': rows}
 
 
+def determinism(first: dict, again: dict) -> dict:
+    """Whether a rerun of the same seed gives the same table (every value, bit for bit)."""
+
+    def values(run):
+        out = {}
+        for name, row in run['results']['table'].items():
+            for split in ('all', 'correct', 'incorrect'):
+                for key, v in (row.get(split) or {}).items():
+                    out[f'{name}/{split}/{key}'] = v
+            for key in ('lam', 'k_component'):
+                if key in row:
+                    out[f'{name}/{key}'] = row[key]
+        out['num_correct'] = run['results']['num_correct']
+        return out
+
+    a, b = values(first), values(again)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return {
+        'identical': not differ,
+        'values_compared': len(set(a) | set(b)),
+        'differing': [{'key': k, 'first': a.get(k), 'rerun': b.get(k)} for k in differ[:50]],
+        'seconds': again['seconds'],
+    }
+
+
 def screenshot(html_path: str, png_path: str) -> str | None:
     """report.html rendered by headless Chromium, or None if Chromium is not installed."""
     chromium = shutil.which('chromium') or shutil.which('chromium-browser')
@@ -236,9 +261,21 @@ def readme_section(result: dict) -> str:
             f'{_cell(other.get("all"), "mrr").split(" [")[0]} |'
         )
     ag = result['agreement']
+    rerun = result.get('rerun')
+    if rerun:
+        lines += [
+            '',
+            'Same seed again, same machine, fresh workdir: '
+            + (
+                f'all {rerun["values_compared"]} values of the table are identical.'
+                if rerun['identical']
+                else f'{len(rerun["differing"])} of {rerun["values_compared"]} values differ '
+                '(see `rerun` in the JSON).'
+            ),
+        ]
     lines += [
         '',
-        f'Rerun: {ag["inside"]} of {ag["total"]} metrics of the seed-1 run fall inside the '
+        f'Second seed: {ag["inside"]} of {ag["total"]} metrics of the seed-1 run fall inside the '
         f"seed-0 run's 95% interval; the largest change is {ag['max_abs_diff']:.3f} "
         '(MRR / Recall, or pp of tail-patch).',
         '',
@@ -283,7 +320,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--root', default=os.path.join(harness.ROOT, 'runs', 'bench_fact_tracing'))
     parser.add_argument('--readme_only', action='store_true')
+    parser.add_argument(
+        '--rerun',
+        action='store_true',
+        help='run seed 0 again; record whether its table is identical',
+    )
     args = parser.parse_args(argv)
+    if args.rerun:  # determinism on this machine: the same command, a fresh workdir
+        with open(OUT) as f:
+            result = json.load(f)
+        again = run_seed(0, os.path.join(args.root, 'rerun'))
+        result['rerun'] = determinism(result['runs'][0], again)
+        result['rerun']['command'] = harness.command_line()
+        harness.write_result(OUT, {k: v for k, v in result.items() if k != 'timestamp'})
+        with open(os.path.splitext(OUT)[0] + '.md', 'w') as f:
+            f.write(markdown(result))
+        write_readme(result)
+        print(json.dumps(result['rerun'], indent=1))
+        return 0
     if args.readme_only:  # verdicts and agreement recomputed from the stored runs
         with open(OUT) as f:
             result = json.load(f)

@@ -76,7 +76,8 @@ class Mixture:
     summary: dict[str, Any]
 
 
-def _round_robin(facts: Sequence[dict], num: int, rng: np.random.Generator) -> list[dict]:
+def round_robin(facts: Sequence[dict], num: int, rng: np.random.Generator) -> list[dict]:
+    """Up to ``num`` facts in a seeded order, taking one relation after another."""
     by_rel: dict[str, list[dict]] = {}
     for i in rng.permutation(len(facts)):
         by_rel.setdefault(facts[i].get('relation', ''), []).append(facts[i])
@@ -104,7 +105,7 @@ def build(
         f for f in corpus_lib.load_facts(facts_path) if any(i in by_id for i in f['entailing_ids'])
     ]
     rng = np.random.default_rng(config.seed)
-    eval_facts = _round_robin(facts, config.num_eval_facts, rng)
+    eval_facts = round_robin(facts, config.num_eval_facts, rng)
     if len(eval_facts) < config.num_eval_facts:
         raise ValueError(
             f'Only {len(eval_facts)} facts have an entailing passage in {corpus_path}; '

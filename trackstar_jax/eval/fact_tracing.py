@@ -85,16 +85,8 @@ def select_facts(
     usable = [f for f in facts if any(i in corpus_ids for i in f['entailing_ids'])]
     if num is None or num >= len(usable):
         return usable
-    rng = np.random.default_rng(seed)
-    by_rel: dict[str, list[dict]] = {}
-    for i in rng.permutation(len(usable)):
-        by_rel.setdefault(usable[i].get('relation', ''), []).append(usable[i])
-    out, rels = [], sorted(by_rel)
-    while len(out) < num:
-        for r in rels:
-            if by_rel[r] and len(out) < num:
-                out.append(by_rel[r].pop())
-    return sorted(out, key=lambda f: f['id'])
+    picked = mixture_lib.round_robin(usable, num, np.random.default_rng(seed))
+    return sorted(picked, key=lambda f: f['id'])
 
 
 def candidate_pool(
@@ -531,9 +523,7 @@ def evaluate(
             )
             for name, res in scored.items()
         }
-        report.write_all(
-            workdir,
-            results,
+        details = report.QueryDetails(
             data.facts,
             rankings,
             deltas,
@@ -542,10 +532,9 @@ def evaluate(
             correct,
             p_target,
             texts,
-            config.html_queries,
-            k,
             {n: dict(zip(r.query_ids, r.opponent_ids, strict=True)) for n, r in scored.items()},
         )
+        report.write_all(workdir, results, details, config.html_queries, k)
     return results
 
 

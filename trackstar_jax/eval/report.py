@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -230,25 +231,48 @@ def _img(path: str) -> str:
     return f'<img alt="{html.escape(os.path.basename(path))}" src="data:image/png;base64,{data}">'
 
 
+@dataclasses.dataclass
+class QueryDetails:
+    """What report.html shows for each query, besides the tables.
+
+    Attributes:
+      facts: the queries' facts, in display order.
+      rankings: method -> query id -> proponent ids, best first.
+      deltas: (query id, proponent id) -> tail-patch Δp(target).
+      entailing: query id -> the candidate ids that entail it.
+      predicted: query id -> the model's greedy completion.
+      correct: query id -> whether it is the target.
+      p_target: query id -> p(target) before any step.
+      texts: candidate id -> its text.
+      opponents: method -> query id -> opponent ids, most negative first.
+    """
+
+    facts: list[dict]
+    rankings: dict[str, dict[str, list[str]]]
+    deltas: dict[tuple[str, str], float]
+    entailing: dict[str, set[str]]
+    predicted: dict[str, str]
+    correct: dict[str, bool]
+    p_target: dict[str, float]
+    texts: dict[str, str]
+    opponents: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
+
+
 def html_page(
     results: dict[str, Any],
-    facts: list[dict],
-    rankings: dict[str, dict[str, list[str]]],
-    deltas: dict[tuple[str, str], float],
-    entailing: dict[str, set[str]],
-    predicted: dict[str, str],
-    correct: dict[str, bool],
-    p_target: dict[str, float],
-    texts: dict[str, str],
+    details: QueryDetails,
     num_queries: int,
     k: int,
     plot_paths: tuple[str, ...] = (),
-    opponents: dict[str, dict[str, list[str]]] | None = None,
 ) -> str:
     """A static, self-contained page: the summary with intervals, the plots, and for each
     shown query the model's prediction and every method's top proponents side by side
     (entailing ones green), each with p(target) after one training step on it."""
     e = html.escape
+    d_ = details
+    facts, rankings, deltas, entailing = d_.facts, d_.rankings, d_.deltas, d_.entailing
+    predicted, correct, p_target, texts = d_.predicted, d_.correct, d_.p_target, d_.texts
+    opponents = d_.opponents
     shown = facts[:num_queries]
     names = list(rankings)
     parts = [
@@ -327,19 +351,7 @@ def html_page(
 
 
 def write_all(
-    directory: str,
-    results: dict[str, Any],
-    facts: list[dict],
-    rankings: dict[str, dict[str, list[str]]],
-    deltas: dict[tuple[str, str], float],
-    entailing: dict[str, set[str]],
-    predicted: dict[str, str],
-    correct: dict[str, bool],
-    p_target: dict[str, float],
-    texts: dict[str, str],
-    html_queries: int,
-    k: int,
-    opponents: dict[str, dict[str, list[str]]] | None = None,
+    directory: str, results: dict[str, Any], details: QueryDetails, html_queries: int, k: int
 ) -> dict[str, str]:
     """Writes results.json, results.md, the plots and report.html into ``directory``."""
     paths = {
@@ -354,20 +366,5 @@ def write_all(
     plot_paths = plots(results, directory)
     for p in plot_paths:
         paths[os.path.basename(p)] = p
-    page = html_page(
-        results,
-        facts,
-        rankings,
-        deltas,
-        entailing,
-        predicted,
-        correct,
-        p_target,
-        texts,
-        html_queries,
-        k,
-        tuple(plot_paths),
-        opponents,
-    )
-    write_text(paths['html'], page)
+    write_text(paths['html'], html_page(results, details, html_queries, k, tuple(plot_paths)))
     return paths
