@@ -31,6 +31,11 @@ def _fmt(row: dict | None, key: str, interval: bool = True) -> str:
     return text
 
 
+def _split(row: dict, key: str) -> str:
+    """'right / wrong': the metric on the queries the model answers correctly, and not."""
+    return f'{_fmt(row.get("correct"), key, False)} / {_fmt(row.get("incorrect"), key, False)}'
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The methods table (with 95% intervals), then right / wrong splits, then paired
     comparisons against the reference method."""
@@ -42,17 +47,15 @@ def markdown_table(results: dict[str, Any]) -> str:
         'in percentage points (pp). [a, b]: 95% bootstrap interval over queries.',
         '',
         f'| Method | MRR | Recall@{at} | Tail-patch (pp) | MRR (right / wrong) | '
-        'Tail-patch pp (right / wrong) |',
-        '|---|---|---|---|---|---|',
+        f'Recall@{at} (right / wrong) | Tail-patch pp (right / wrong) |',
+        '|---|---|---|---|---|---|---|',
     ]
     for name, r in results['table'].items():
         lam = f' (λ={r["lam"]:.3f})' if r.get('lam') else ''
         lines.append(
             f'| {name}{lam} | {_fmt(r["all"], "mrr")} | {_fmt(r["all"], f"recall@{at}")} | '
-            f'{_fmt(r["all"], "tail_patch")} | {_fmt(r["correct"], "mrr", False)} / '
-            f'{_fmt(r["incorrect"], "mrr", False)} | '
-            f'{_fmt(r["correct"], "tail_patch", False)} / '
-            f'{_fmt(r["incorrect"], "tail_patch", False)} |'
+            f'{_fmt(r["all"], "tail_patch")} | {_split(r, "mrr")} | '
+            f'{_split(r, f"recall@{at}")} | {_split(r, "tail_patch")} |'
         )
     lines += comparison_table(results)
     return '\n'.join(lines) + '\n'
@@ -186,7 +189,8 @@ def _summary_html(results: dict[str, Any]) -> str:
     head = (
         '<table><tr><th>Method</th><th>MRR [95% CI]</th>'
         f'<th>Recall@{at} [95% CI]</th><th>Tail-patch, pp [95% CI]</th>'
-        '<th>MRR right / wrong</th><th>Tail-patch pp right / wrong</th></tr>'
+        f'<th>MRR right / wrong</th><th>Recall@{at} right / wrong</th>'
+        '<th>Tail-patch pp right / wrong</th></tr>'
     )
     rows = []
     for name, r in results['table'].items():
@@ -195,9 +199,9 @@ def _summary_html(results: dict[str, Any]) -> str:
             _fmt(r['all'], 'mrr'),
             _fmt(r['all'], f'recall@{at}'),
             _fmt(r['all'], 'tail_patch'),
-            f'{_fmt(r["correct"], "mrr", False)} / {_fmt(r["incorrect"], "mrr", False)}',
-            f'{_fmt(r["correct"], "tail_patch", False)} / '
-            f'{_fmt(r["incorrect"], "tail_patch", False)}',
+            _split(r, 'mrr'),
+            _split(r, f'recall@{at}'),
+            _split(r, 'tail_patch'),
         ]
         rows.append(
             f'<tr><td>{e(name + lam)}</td>'
