@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
@@ -134,7 +135,14 @@ def restore(
     )
     config = dict(out['config'])
     want = config.pop(STATE_FINGERPRINT, None)  # handed back as it was saved
-    if want is not None and fingerprint(out['state']) != want:
+    if want is None:
+        logging.warning(
+            'Checkpoint %s step %d has no state fingerprint (saved by an older version): '
+            'restored without verifying its arrays.',
+            mngr.directory,
+            step,
+        )
+    elif fingerprint(out['state']) != want:
         raise CheckpointError(
             f'Checkpoint {mngr.directory} step {step}: the restored arrays do not match the '
             'fingerprint written at save (a file was changed after it was written). '
