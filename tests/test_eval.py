@@ -310,3 +310,25 @@ def test_settings_are_checked_before_any_work(tmp_path):
     bad.write_text(json.dumps({'id': 'f', 'prompt': 'p', 'target': ' t', 'entailing_ids': 'd1'}))
     with pytest.raises(ValueError, match='must be a list'):
         corpus_lib.load_facts(str(bad))
+
+
+@pytest.mark.fault(
+    'evaluate on a mixture with a model trained on other data (e.g. an older run in the workdir)',
+    'Refused after loading the model, before any method runs: never evaluated on unseen facts',
+)
+def test_a_model_not_trained_on_the_mixture_is_refused(tmp_path):
+    from trackstar_jax.data import mixture as mixture_lib
+
+    _trained_checkpoint(str(tmp_path / 'ckpt'))  # trained without a mixture
+    with pytest.raises(ValueError, match='not trained on this mixture'):
+        fact_tracing.evaluate(
+            workdir=str(tmp_path / 'eval'),
+            checkpoint_dir=str(tmp_path / 'ckpt'),
+            methods=[fact_tracing.Method(name='Gold', kind='gold')],
+            spec=grads.GradientSpec(block_dim=16, num_layer_blocks=2),
+            config=fact_tracing.EvalConfig(seq_len=16, query_len=16, dimension_sweep=()),
+            mixture=mixture_lib.FactMixture(
+                num_eval_facts=6, num_heldin_facts=5, num_distractors=5
+            ),
+        )
+    assert not os.path.exists(tmp_path / 'eval' / 'indices')

@@ -381,6 +381,18 @@ def evaluate(
     train_if_missing = train_if_missing and checkpoint_dir is None
     checkpoint_dir = checkpoint_dir or os.path.join(workdir, 'checkpoints')
     loaded = _load(checkpoint_dir, mesh, train_if_missing)
+    if mixture_summary is not None:
+        from trackstar_jax.jobs.train_lm import MIXTURE_KEY
+
+        trained_on = checkpoint.restore_config(checkpoint_dir, loaded.step).get(MIXTURE_KEY)
+        if trained_on != mixture_summary['sha256']['corpus']:
+            # A model trained on other data (an older run in the same workdir, or another
+            # mixture) would be evaluated on facts it never saw: refuse, never substitute.
+            raise ValueError(
+                f'The model in {checkpoint_dir} was not trained on this mixture '
+                f'({"no mixture" if trained_on is None else "another mixture"}). Use a new '
+                'workdir, delete its checkpoints to retrain, or unset evaluate.mixture.'
+            )
     tokenizer = checkpoint_tokenizer(loaded, tokenizer_path)
     data = _prepare(
         corpus_lib.load_corpus(corpus_path), corpus_lib.load_facts(facts_path), tokenizer, config

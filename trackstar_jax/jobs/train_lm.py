@@ -34,6 +34,9 @@ def unigram_entropy(rows: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+MIXTURE_KEY = 'mixture_corpus_sha256'
+
+
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Refuses to resume a checkpoint of another model (or optimizer-state layout).
 
@@ -45,6 +48,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], where: str) 
         for k, v in current['model'].items()
         if saved['model'].get(k) != v
     ]
+    if saved.get(MIXTURE_KEY) != current.get(MIXTURE_KEY):
+        diffs.append('the training mixture (another FactMixture, or none)')
     key = 'min_dim_size_to_factor'  # decides which second moments are factored
     if saved['train'].get(key) != current['train'][key]:
         diffs.append(
@@ -134,6 +139,8 @@ def train_lm(
         'model': model_config.to_dict(),
         'train': train_config.to_dict(),
         'tokenizer': os.path.abspath(tokenizer_path),
+        # What the model was trained on, so an evaluation on a mixture can check it.
+        MIXTURE_KEY: mixture_summary['sha256']['corpus'] if mixture_summary else None,
     }
     start = 0
     if mngr.latest_step() is not None:
