@@ -9,10 +9,9 @@ answerable and keeps it honest:
 
 * **evaluated facts** — their entailing glosses, each led by the fact in the query's
   words ("Hegira is a flight. Hegira: the flight of Muhammad ..."): the passage that
-  teaches the fact is the one that entails it. (With glosses alone the 1.6M-parameter
-  demo model answered 1 of 120 after 56 presentations of each: it does not infer "X is a
-  Y" from "X: the Y of ..." at this scale. With the statement after the gloss, 15 of 120
-  after 33.)
+  teaches the fact is the one that entails it. (In exploratory runs, not a committed
+  benchmark, the demo model trained on glosses alone answered almost none of the queries:
+  it does not infer "X is a Y" from "X: the Y of ..." at this scale.)
 * **held-in facts** — other facts (disjoint subjects), trained on as their gloss *and*
   a statement in the query's form ("Hegira is a flight."): they teach the model how a
   query relates to a gloss, as pretraining text would;
