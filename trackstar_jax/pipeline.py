@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 from trackstar_jax import checkpoint, scoring
 from trackstar_jax import index as index_lib
 from trackstar_jax import preconditioners as precond_lib
+from trackstar_jax import train_index as train_index_lib
 from trackstar_jax.data import examples as examples_lib
 from trackstar_jax.grads import Featurizer
 from trackstar_jax.index import Index
@@ -53,6 +54,7 @@ __all__ = [
     'open_index',
     'run_method',
     'score',
+    'score_tracin',
 ]
 
 
@@ -113,16 +115,21 @@ class Method:
             precond_lib.get(self.preconditioner)  # raises, naming the registered kinds
 
 
-def correction_fingerprint(featurizer: Featurizer) -> str:
-    """Hash of the correction arrays (V): a different V gives different vectors."""
+def corrections_fingerprint(corrections: Mapping[str, Any]) -> str:
+    """Hash of correction arrays (V) by path: a different V gives different vectors."""
     h = hashlib.sha256()
-    for path in sorted(featurizer.corrections):
-        c = featurizer.corrections[path]
+    for path in sorted(corrections):
+        c = corrections[path]
         h.update(f'{path}:{c.kind}'.encode())
         for a in (c.row, c.col, c.full):
             if a is not None:
                 h.update(np.ascontiguousarray(np.asarray(a, np.float32)).tobytes())
     return h.hexdigest()[:16]
+
+
+def correction_fingerprint(featurizer: Featurizer) -> str:
+    """Hash of the featurizer's correction arrays (see :func:`corrections_fingerprint`)."""
+    return corrections_fingerprint(featurizer.corrections)
 
 
 def manifest_for(
@@ -383,6 +390,98 @@ def score(
         mesh=mesh,
         out_path=out_path,
     )
+
+
+def score_tracin(
+    queries: Mapping[int, Index | str] | Index | str,
+    train: Index | str,
+    config: ScoreConfig = ScoreConfig(unit_norm=False),
+    *,
+    steps: Sequence[int] | None = None,
+    weighting: str = 'lr',
+    mesh: Mesh | None = None,
+    out_path: str | None = None,
+) -> ScoreResult:
+    """TracIn-CP over a training-time index: exact top-k examples by
+
+        score(q, z) = Σ_{recorded steps s of z} lr_s · φ_{c(s)}(q) · φ_s(z)
+
+    with φ_s(z) the row the training step s wrote for z (at its pre-update params and
+    moments) and c(s) the latest query checkpoint at or before s (the earliest one
+    for steps before it). A row at a checkpoint's own step is scored exactly against
+    the query at those params.
+
+    Args:
+      queries: {checkpoint step: query index featurized at that checkpoint}, or one
+        query index (used for every step).
+      train: the training-time index (``train_index``).
+      config: k, opponents, chunk size; ``unit_norm`` normalises both sides per row
+        (TracIn is unnormalised: the default here is False).
+      steps: only these recorded steps (None: all).
+      weighting: 'lr' (each step's learning rate) or 'none' (every step weighs 1).
+      mesh: the mesh (default: all devices along data).
+      out_path: if given, process 0 writes the top-k there as JSONL.
+
+    Returns:
+      A ScoreResult over examples: ``ids`` are example ids (not row ids) and ``rows``
+      their numbers in sorted id order.
+
+    Raises:
+      ManifestMismatchError: a query index built with another spec, or at a checkpoint
+        whose recorded fingerprints differ from its own.
+    """
+    if weighting not in ('lr', 'none'):
+        raise ValueError(f"weighting must be 'lr' or 'none', got {weighting!r}.")
+    train = open_index(train)
+    by_step = queries if isinstance(queries, Mapping) else {None: queries}
+    by_step = {c: open_index(q) for c, q in by_step.items()}
+    recorded = train_index_lib.checkpoint_fingerprints(train)
+    query_ids = None
+    for c, q in by_step.items():
+        spec_keys = ('spec', 'layout', 'dim')
+        index_lib.check_compatible(
+            {k: train.manifest.get(k) for k in spec_keys},
+            {k: q.manifest.get(k) for k in spec_keys},
+            f'(training-time index vs queries at checkpoint {c})',
+        )
+        expected = recorded.get(c) if c is not None else None
+        if expected is not None and expected['model_fingerprint'] != q.manifest.get(
+            'model_fingerprint'
+        ):
+            raise index_lib.ManifestMismatchError(
+                f'Queries {q.path} were not featurized at checkpoint {c} of the run that '
+                f'wrote {train.path} (model fingerprint {q.manifest.get("model_fingerprint")}'
+                f", the checkpoint's {expected['model_fingerprint']})."
+            )
+        if query_ids is None:
+            query_ids = list(q.ids)
+        elif list(q.ids) != query_ids:
+            raise ValueError(f'Query indices hold different queries ({q.path}).')
+    row_steps, rates = train_index_lib.recorded_steps(train)
+    checkpoints = sorted(by_step, key=lambda c: -1 if c is None else c)
+    starts = np.asarray([-1 if c is None else c for c in checkpoints])
+    group = np.maximum(np.searchsorted(starts, row_steps, side='right') - 1, 0)
+    weight = np.asarray([rates[int(s)] if weighting == 'lr' else 1.0 for s in row_steps])
+    if steps is not None:
+        weight = np.where(np.isin(row_steps, np.asarray(list(steps))), weight, 0.0)
+    examples = [train_index_lib.split_row_id(i)[0] for i in train.ids]
+    example_ids = sorted(set(examples))
+    number = {e: i for i, e in enumerate(example_ids)}
+    mats = [by_step[c].read(slice(0, len(by_step[c]))) for c in checkpoints]
+    result = scoring.score_summed(
+        mats,
+        query_ids,
+        train,
+        group,
+        weight,
+        np.asarray([number[e] for e in examples]),
+        example_ids,
+        config,
+        mesh=mesh,
+    )
+    if out_path and jax.process_index() == 0:
+        result.to_jsonl(out_path)
+    return result
 
 
 def run_method(

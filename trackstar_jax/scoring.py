@@ -310,3 +310,111 @@ def score(
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         result.to_jsonl(out_path)
     return result
+
+
+@functools.cache
+def make_sum_scorer(mesh: Mesh, unit_norm: bool):
+    """The jit-compiled step adding one chunk's weighted scores into per-example sums.
+
+    ``step(acc [Q, E], queries [G, Q, D], vecs [C, D], valid [C], group [C], weight [C],
+    example [C]) -> acc``: row c adds ``weight[c] * queries[group[c]] · vecs[c]`` to
+    column ``example[c]`` (rows of one example at several steps accumulate).
+    """
+    apply = precond_lib.get('none').apply
+
+    @partial(jax.jit, donate_argnums=(0,), out_shardings=shd.replicated(mesh))
+    def step(acc, queries, vecs, valid, group, weight, example):
+        t = transform(vecs, apply, None, unit_norm)
+        s = jnp.einsum('gqd,cd->gqc', queries, t, precision=jax.lax.Precision.HIGHEST)
+        picked = s[group, :, jnp.arange(t.shape[0])]  # [C, Q]: each row's own queries
+        contrib = jnp.where(valid, weight, 0.0)[:, None] * picked
+        return acc.at[:, example].add(contrib.T)
+
+    return step
+
+
+def score_summed(
+    queries: list[np.ndarray],
+    query_ids: list[str],
+    train: Index,
+    group: np.ndarray,
+    weight: np.ndarray,
+    example: np.ndarray,
+    example_ids: list[str],
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    mesh: Mesh | None = None,
+) -> ScoreResult:
+    """Exact top-k examples by a weighted sum of scores over their rows.
+
+    score(q, e) = Σ_{rows r of e} weight[r] · q_{group[r]} · v_r (both sides unit-normed
+    first with ``config.unit_norm``): TracIn-CP over a training-time index, where an
+    example has one row per recorded step. The per-example sums are a dense [Q, E]
+    array on every device (E examples, not rows); the index is streamed once.
+
+    Args:
+      queries: G query matrices [Q, D] (the same queries featurized at G checkpoints).
+      query_ids: the Q query ids.
+      train: the index of rows.
+      group: [N] which query matrix scores each row.
+      weight: [N] each row's weight (0: left out).
+      example: [N] each row's example number, an index into ``example_ids``.
+      example_ids: the E example ids, sorted (their order breaks ties).
+      config: k, opponents, unit norm, chunk size.
+      mesh: the mesh (default: all devices along data).
+
+    Returns:
+      A ScoreResult whose ``rows`` are example numbers (indices into ``example_ids``).
+    """
+    mesh = mesh or streaming.default_mesh()
+    rep = shd.replicated(mesh)
+    num_q, num_e = len(query_ids), len(example_ids)
+    k = min(config.k, num_e)
+    if k < 1:
+        raise ValueError(f'k must be >= 1, got {config.k}.')
+    if num_q * num_e > 2**31:
+        raise ValueError(
+            f'{num_q} queries x {num_e} examples do not fit one dense sum array: score the '
+            'queries in groups.'
+        )
+    stacked = np.stack([np.asarray(q, np.float32) for q in queries])
+    if config.unit_norm:
+        norms = np.linalg.norm(stacked, axis=-1, keepdims=True)
+        stacked = stacked / np.where(norms > 0, norms, 1.0)
+    qs = jax.device_put(stacked, rep)
+    acc = jax.device_put(np.zeros((num_q, num_e), np.float32), rep)
+    step = make_sum_scorer(mesh, config.unit_norm)
+    per_row = [
+        jax.device_put(np.asarray(a, dt), rep)
+        for a, dt in ((group, np.int32), (weight, np.float32), (example, np.int32))
+    ]
+    t0 = time.time()
+    for i, (vecs, valid, rows, _) in enumerate(
+        streaming.stream_rows(train, mesh, config.chunk_rows)
+    ):
+        jax.block_until_ready(acc)
+        safe = jnp.clip(rows, 0, len(train) - 1)
+        acc = step(acc, qs, vecs, valid, *(a[safe] for a in per_row))
+        if i % 16 == 0:
+            logging.info(
+                'Summed scores: %d/%d rows, %.0f rows/s',
+                min((i + 1) * config.chunk_rows, len(train)),
+                len(train),
+                min((i + 1) * config.chunk_rows, len(train)) / max(time.time() - t0, 1e-9),
+            )
+    totals = np.asarray(jax.device_get(acc))
+
+    def top(sign, size):
+        # Stable argsort of -score: ties keep example order, i.e. by id (ids are sorted).
+        order = np.argsort(-sign * totals, axis=1, kind='stable')[:, :size]
+        picked = np.take_along_axis(totals, order, axis=1)
+        return [[example_ids[j] for j in row] for row in order], order.astype(np.int32), picked
+
+    ids, rows, scores = top(1.0, k)
+    result = ScoreResult(list(query_ids), ids, rows, scores.astype(np.float32))
+    opponents = min(max(config.opponents, 0), num_e)
+    if opponents:
+        o_ids, o_rows, o_scores = top(-1.0, opponents)
+        result.opponent_ids, result.opponent_rows = o_ids, o_rows
+        result.opponent_scores = o_scores.astype(np.float32)
+    return result

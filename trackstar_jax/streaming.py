@@ -38,8 +38,8 @@ def stream_rows(
 ) -> Iterator[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
     """Yields (vectors [C, D], valid [C] bool, row [C] int32, rank [C] int32) along ``data``.
 
-    C = chunk_rows rounded up to the data axis; rows past the end are zero, invalid and
-    rank last. ``rank`` is a per-row int array carried along (default: the row itself);
+    C = chunk_rows rounded up to the data axis; rows past the end are zero, invalid,
+    row -1 and rank last. ``rank`` is a per-row int array carried along (default: the row itself);
     with ``sort_by_rank`` each process's rows of a chunk are ordered by it. The next
     chunk is read from TensorStore while the caller computes on this one.
     """
@@ -59,6 +59,9 @@ def stream_rows(
         valid = rows < n
         ranks = rows if rank is None else rank[np.minimum(rows, n - 1)].astype(np.int32)
         ranks = np.where(valid, ranks, np.iinfo(np.int32).max).astype(np.int32)
+        # Padding rows carry row -1: a consumer that keeps one by mistake (ties at -inf
+        # under an unstable sort) gets "no row", never another example's row number.
+        rows = np.where(valid, rows, -1).astype(np.int32)
         if sort_by_rank:
             order = np.argsort(ranks, kind='stable')
             local, rows, valid, ranks = local[order], rows[order], valid[order], ranks[order]

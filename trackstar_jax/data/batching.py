@@ -131,15 +131,19 @@ def training_batches(
     n = len(rows)
     if n < batch_size:
         raise ValueError(f'{n} rows cannot fill a batch of {batch_size}.')
-    per_epoch = n // batch_size
     mask = np.ones(rows.shape[1], np.float32)
     mask[0] = 0.0
     step = start_step
     while True:
-        epoch, k = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        idx = order[k * batch_size : (k + 1) * batch_size]
+        idx = batch_rows(n, batch_size, seed, step)
         if layout is not None:
             idx = idx[layout.local_rows]
         yield {'tokens': rows[idx], 'loss_mask': np.broadcast_to(mask, (len(idx), len(mask)))}
         step += 1
+
+
+def batch_rows(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The row numbers :func:`training_batches` puts in the global batch of ``step``."""
+    epoch, k = divmod(step, n // batch_size)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[k * batch_size : (k + 1) * batch_size]

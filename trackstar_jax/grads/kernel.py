@@ -220,6 +220,42 @@ def _side_matrices(p0: jax.Array, p1: jax.Array, corr: ParamCorrection):
     return a, b
 
 
+def _tapped_objective(model, layout, mats, output_fn, precision):
+    """``objective(params, acc, small, tokens[T], mask[T])`` of one example: the model run
+    with a tap on every fused Dense (its cotangent lands in ``acc[block]``) and the
+    unfused parameters ``small`` substituted into ``params``."""
+    entries = layout.by_path()
+
+    def objective(params, acc, small, toks, mask):
+        def interceptor(next_fun, args, kwargs, context):
+            y = next_fun(*args, **kwargs)
+            if not (isinstance(context.module, nn.Dense) and context.method_name == '__call__'):
+                return y
+            path = _module_path(context.module) + '/kernel'
+            if path not in mats:
+                return y
+            a_mat, b_mat = mats[path]
+            x = jax.lax.stop_gradient(args[0]).astype(jnp.float32)
+            x_proj = jnp.matmul(x, a_mat, precision=precision)
+            return _tap(y, x_proj, b_mat, acc[entries[path].block], precision)
+
+        with nn.intercept_methods(interceptor):
+            logits = model.apply({'params': _set_by_path(params, small)}, toks[None])
+        return output_objective(logits, toks[None], mask[None], output_fn)
+
+    return objective
+
+
+def _unfused(params: Any, layout: Layout, fused: frozenset[str]) -> dict[str, jax.Array]:
+    """The included parameters the fused path does not take, keyed by path."""
+    entries = layout.by_path()
+    return {
+        p: v
+        for p, v in tree_by_path(params).items()
+        if p in entries and not entries[p].excluded and p not in fused
+    }
+
+
 def fused_features(
     model: nn.Module,
     params: Any,
@@ -237,40 +273,66 @@ def fused_features(
     ``projections`` holds (P0, P1) per path (``projection.projection_pairs``);
     ``precision`` is that of the projection matmuls (``PRECISIONS``).
     """
-    entries = layout.by_path()
-    side = layout.side
     mats = {p: _side_matrices(*projections[p], corrections[p]) for p in sorted(fused)}
-    flat = tree_by_path(params)
-    rest = {
-        p: v for p, v in flat.items() if p in entries and not entries[p].excluded and p not in fused
-    }
-
-    def objective(acc, small, toks, mask):
-        def interceptor(next_fun, args, kwargs, context):
-            y = next_fun(*args, **kwargs)
-            if not (isinstance(context.module, nn.Dense) and context.method_name == '__call__'):
-                return y
-            path = _module_path(context.module) + '/kernel'
-            if path not in mats:
-                return y
-            a_mat, b_mat = mats[path]
-            x = jax.lax.stop_gradient(args[0]).astype(jnp.float32)
-            x_proj = jnp.matmul(x, a_mat, precision=precision)
-            return _tap(y, x_proj, b_mat, acc[entries[path].block], precision)
-
-        with nn.intercept_methods(interceptor):
-            logits = model.apply({'params': _set_by_path(params, small)}, toks[None])
-        return output_objective(logits, toks[None], mask[None], output_fn)
-
+    rest = _unfused(params, layout, fused)
+    objective = _tapped_objective(model, layout, mats, output_fn, precision)
     # One accumulator leaf per block (not one stacked array indexed per tap): each tap's
     # cotangent then adds straight into its leaf instead of a scatter into a stack.
-    acc0 = [jnp.zeros((tokens.shape[0], side, side), jnp.float32) for _ in range(layout.num_blocks)]
-    d_acc, d_rest = jax.vmap(jax.grad(objective, argnums=(0, 1)), in_axes=(0, None, 0, 0))(
-        acc0, rest, tokens, loss_mask
-    )
-    feats = jnp.stack(d_acc, axis=1).reshape(tokens.shape[0], -1)
-    if rest:
+    acc0 = [jnp.zeros((tokens.shape[0], layout.side, layout.side), jnp.float32)] * layout.num_blocks
+    d_acc, d_rest = jax.vmap(
+        jax.grad(lambda acc, small, t, m: objective(params, acc, small, t, m), argnums=(0, 1)),
+        in_axes=(0, None, 0, 0),
+    )(acc0, rest, tokens, loss_mask)
+    return _assemble(d_acc, d_rest, layout, corrections, projections, precision)
+
+
+def _assemble(d_acc, d_rest, layout, corrections, projections, precision) -> jax.Array:
+    """Per-example features from the tap accumulators and the unfused gradients."""
+    feats = jnp.stack(d_acc, axis=1).reshape(d_acc[0].shape[0], -1)
+    if d_rest:
         feats = feats + jax.vmap(
             lambda g: project_gradients(g, layout, corrections, projections, precision)
         )(d_rest)
     return feats
+
+
+def fused_features_and_grads(
+    model: nn.Module,
+    params: Any,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    layout: Layout,
+    corrections: Mapping[str, ParamCorrection],
+    projections: Mapping[str, tuple[jax.Array, jax.Array]],
+    fused: frozenset[str],
+    precision: jax.lax.Precision = HIGHEST,
+) -> tuple[jax.Array, Any, jax.Array]:
+    """One forward/backward giving the batch's summed loss, its parameter gradient, and
+    every example's loss features (``fused_features`` with output_fn 'loss').
+
+    The model runs under vmap over examples with the Dense kernels *not* batched, so
+    their gradient is the one batch contraction of a training step (never per example);
+    the taps collect each example's projected gradient on the way. Unfused parameters
+    (norm scales, ...) get one copy per example, so their per-example gradient is a
+    by-product too and their batch gradient is its sum.
+
+    Returns:
+      (Σ_z Loss(z), ∇θ Σ_z Loss(z) shaped like params, float32 [B, D] features).
+    """
+    b = tokens.shape[0]
+    mats = {p: _side_matrices(*projections[p], corrections[p]) for p in sorted(fused)}
+    rest = _unfused(params, layout, fused)
+    per_example = {p: jnp.broadcast_to(v, (b, *v.shape)) for p, v in rest.items()}
+    objective = _tapped_objective(model, layout, mats, 'loss', precision)
+
+    def total(p, acc, small):
+        losses_ = jax.vmap(objective, in_axes=(None, 0, 0, 0, 0))(p, acc, small, tokens, loss_mask)
+        return jnp.sum(losses_)
+
+    acc0 = [jnp.zeros((b, layout.side, layout.side), jnp.float32)] * layout.num_blocks
+    loss, (g_params, d_acc, d_rest) = jax.value_and_grad(total, argnums=(0, 1, 2))(
+        params, acc0, per_example
+    )
+    # The substituted leaves' batch gradient is the sum of their per-example copies'.
+    g_params = _set_by_path(g_params, {p: g.sum(0) for p, g in d_rest.items()})
+    return loss, g_params, _assemble(d_acc, d_rest, layout, corrections, projections, precision)

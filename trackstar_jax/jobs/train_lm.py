@@ -20,10 +20,12 @@ from absl import logging
 
 from trackstar_jax import checkpoint, train
 from trackstar_jax import sharding as shd
+from trackstar_jax import train_index as train_index_lib
 from trackstar_jax.data import batching
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import mixture as mixture_lib
 from trackstar_jax.index import write_text
+from trackstar_jax.jobs import attribution
 from trackstar_jax.models import DecoderConfig, DecoderLM
 
 
@@ -76,6 +78,7 @@ def train_lm(
     eval_batches: int = 8,
     mixture: mixture_lib.FactMixture | None = None,
     facts_path: str = corpus_lib.FACTS_PATH,
+    train_index: train_index_lib.TrainIndexConfig | None = None,
 ) -> dict[str, Any]:
     """Trains ``model_config`` on the corpus and checkpoints into ``workdir/checkpoints``.
 
@@ -92,6 +95,10 @@ def train_lm(
       mixture: train on this fact-dense mixture of ``corpus_path`` and ``facts_path``
         (built into ``workdir/mixture/``) instead of the corpus itself.
       facts_path: the facts the mixture is built from.
+      train_index: also write a training-time attribution index (each recorded step's
+        examples' features, from the same forward/backward; ``train_index.py``) at
+        ``train_index.url`` under ``workdir``. Its example ids are ``row<N>``: packed
+        training rows, numbered in ``train_rows`` order.
 
     Returns:
       A summary dict (also written to ``workdir/train_metrics.json``).
@@ -148,6 +155,30 @@ def train_lm(
         state, _, start = checkpoint.restore(ckpt_dir, checkpoint.abstract_like(state, shardings))
         logging.info('Resumed from step %d.', start)
     step_fn = train.make_train_step(model, tx, mesh, shardings)
+    recorder = None
+    if train_index is not None:
+        schedule = train.learning_rate_schedule(train_config)
+        recorder = train_index_lib.Recorder(
+            train_index,
+            attribution.resolve(workdir, train_index.url),
+            model,
+            tx,
+            mesh,
+            state,
+            shardings,
+            num_steps=train_config.num_steps,
+            start_step=start,
+            seq_len=train_config.seq_len,
+            local_batch=layout.local_batch_size,
+            example_ids=lambda s: [
+                f'row{r}'
+                for r in batching.batch_rows(
+                    len(train_rows), train_config.batch_size, train_config.seed, s
+                )
+            ],
+            learning_rate=lambda s: float(schedule(s)),
+            manifest_extra={'checkpoint_dir': os.path.abspath(ckpt_dir)},
+        )
     eval_fn = jax.jit(
         lambda p, b: train.loss_fn(model, p, b),
         in_shardings=(
@@ -176,7 +207,13 @@ def train_lm(
     )
     t_start, window = time.time(), []
     for step in range(start, train_config.num_steps):
-        state, metrics = step_fn(state, train.global_batch(mesh, next(batches)))
+        local = next(batches)
+        if recorder is not None and recorder.wants(step):
+            state, metrics = recorder.step(
+                state, train.global_batch(mesh, local), local['loss_mask'].sum(1), step
+            )
+        else:
+            state, metrics = step_fn(state, train.global_batch(mesh, local))
         window.append(metrics)
         done = step + 1
         if done % train_config.log_every == 0 or done == train_config.num_steps:
@@ -199,8 +236,11 @@ def train_lm(
             )
             window = []
         if done % train_config.checkpoint_every == 0 or done == train_config.num_steps:
+            if recorder is not None:
+                recorder.before_checkpoint(done, state)
             checkpoint.save(mngr, done, state, config_record)
 
+    index_summary = recorder.close() if recorder is not None else None
     entropy = unigram_entropy(train_rows, model_config.vocab_size)
     final_eval = eval_loss(state.params)
     summary = {
@@ -222,6 +262,8 @@ def train_lm(
         # How often the model saw each training row (and so each passage of a mixture).
         'epochs': train_config.num_steps * train_config.batch_size / max(len(train_rows), 1),
     }
+    if index_summary is not None:
+        summary['train_index'] = index_summary
     if mixture_summary is not None:
         summary['mixture'] = mixture_summary
         logging.info(
