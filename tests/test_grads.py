@@ -10,6 +10,8 @@ import pytest
 from tests import pipeline_fixtures as fx
 from trackstar_jax import grads, losses
 from trackstar_jax import sharding as shd
+from trackstar_jax.grads import kernel
+from trackstar_jax.grads.correction import factored_axes
 from trackstar_jax.grads.layout import ParamEntry
 from trackstar_jax.grads.projection import projection_pair
 from trackstar_jax.models import DecoderConfig
@@ -319,7 +321,20 @@ def test_layout_blocks_and_errors():
         feat({'tokens': np.zeros((1, 4), np.int32), 'loss_mask': np.ones((1, 4), np.float32)})
 
 
-def test_estimate_second_moments_equals_brute_force():
+@pytest.mark.parametrize('t,m,n', [(5, 40, 24), (30, 6, 7)], ids=['gram', 'direct'])
+def test_squared_gradient_sums_equal_float64_numpy(t, m, n):
+    rng = np.random.default_rng(0)
+    x, g = rng.standard_normal((t, m)), rng.standard_normal((t, n))
+    full = (x.T @ g) ** 2  # the per-example gradient the taps never form
+    rows, cols = kernel.squared_gradient_sums(
+        jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32)
+    )
+    np.testing.assert_allclose(np.asarray(rows), full.sum(1), rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(cols), full.sum(0), rtol=2e-5)
+
+
+@pytest.mark.parametrize('method', ['taps', 'per_example'])
+def test_estimate_second_moments_equals_brute_force(method):
     cfg = SHAPES['serial_gqa']
     model, params, _ = trained(cfg)
     b = batch(cfg, 'prompt_completion')
@@ -330,6 +345,7 @@ def test_estimate_second_moments_equals_brute_force():
         factored=True,
         min_dim_size_to_factor=MIN_DIM,
         chunk_size=3,
+        method=method,
     )
     # Brute force: one jax.grad per example, squared, averaged in float64.
     sq = None
@@ -351,6 +367,19 @@ def test_estimate_second_moments_equals_brute_force():
     np.testing.assert_allclose(est.v_col['layers_0']['mlp']['wo']['kernel'], wo.mean(1), rtol=1e-4)
     np.testing.assert_allclose(est.v['final_norm']['scale'], mean['final_norm']['scale'], rtol=1e-4)
     assert int(est.count) == 10
+    # Every parameter, factored or not, against the brute force.
+    by_path = kernel.tree_by_path
+    for path, v in by_path(mean).items():
+        if by_path(est.v)[path].size == v.size:
+            np.testing.assert_allclose(by_path(est.v)[path], v, rtol=1e-4, err_msg=path)
+        else:
+            d1, d0 = factored_axes(v.shape)
+            np.testing.assert_allclose(
+                by_path(est.v_row)[path], v.mean(d0), rtol=1e-4, err_msg=path
+            )
+            np.testing.assert_allclose(
+                by_path(est.v_col)[path], v.mean(d1), rtol=1e-4, err_msg=path
+            )
     # It is accepted as an Adafactor state by the Featurizer.
     feat = grads.Featurizer(
         model, params, grads.GradientSpec(block_dim=9, num_layer_blocks=1), opt_state=est

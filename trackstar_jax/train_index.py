@@ -288,7 +288,7 @@ class AsyncRowWriter:
         self._done = set(c for c, ok in enumerate(writer.committed()) if ok)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
-        self.write_seconds = 0.0
+        self.write_seconds = 0.0  # in write_chunk (storage), not waiting for the device
         self.rows_written = 0
         self._thread = threading.Thread(target=self._run, name='train-index-writer', daemon=True)
         self._thread.start()
@@ -316,8 +316,8 @@ class AsyncRowWriter:
                     return
                 if self._error is None:
                     step, features, targets = item
+                    rows = local_rows(features)  # waits for the step's device work
                     t0 = time.perf_counter()
-                    rows = local_rows(features)
                     self._writer.write_chunk(self.chunk(step), rows, targets)
                     self._done.add(self.chunk(step))
                     self.write_seconds += time.perf_counter() - t0

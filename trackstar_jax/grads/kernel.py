@@ -176,6 +176,100 @@ def _tap_bwd(precision, res, g):
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
+def squared_gradient_sums(x: jax.Array, g: jax.Array, precision=HIGHEST):
+    """(Σ_j G_ij², Σ_i G_ij²) of one example's Dense gradient G = xᵀ g, x [T, m], g [T, n].
+
+    With K = g gᵀ and A = x xᵀ (T x T): Σ_j G_ij² = Σ_t x_ti (K x)_ti and
+    Σ_i G_ij² = Σ_t g_tj (A g)_tj, which never form the m x n matrix; that costs
+    2T²(m + n) multiply-adds against T·m·n for forming G, so G is formed (one layer and
+    one example at a time) where it is the cheaper of the two.
+    """
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+    t, m, n = x.shape[0], x.shape[1], g.shape[1]
+    mm = functools.partial(jnp.matmul, precision=precision)
+    if 2 * t * (m + n) < m * n:
+        k_x = mm(mm(g, g.T), x)  # (g gᵀ) x
+        a_g = mm(mm(x, x.T), g)  # (x xᵀ) g
+        return jnp.sum(x * k_x, axis=0), jnp.sum(g * a_g, axis=0)
+    full = mm(x.T, g)
+    sq = full * full
+    return jnp.sum(sq, axis=1), jnp.sum(sq, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _square_tap(y: jax.Array, x: jax.Array, acc_in: jax.Array, acc_out: jax.Array, precision):
+    """Identity on y; its VJP sends the squared-gradient row / column sums to the accs."""
+    del x, acc_in, acc_out, precision
+    return y
+
+
+def _square_tap_fwd(y, x, acc_in, acc_out, precision):
+    del acc_in, acc_out, precision
+    return y, x
+
+
+def _square_tap_bwd(precision, x, g):
+    rows, cols = squared_gradient_sums(x, g, precision)
+    return g, None, rows, cols
+
+
+_square_tap.defvjp(_square_tap_fwd, _square_tap_bwd)
+
+
+def squared_gradient_sums_batch(
+    model: nn.Module,
+    params: Any,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    dense: frozenset[str],
+    skip: frozenset[str] = frozenset(),
+    precision: jax.lax.Precision = HIGHEST,
+) -> dict[str, Any]:
+    """Σ over the batch of each example's squared loss gradient, by parameter path.
+
+    For the Dense kernels in ``dense`` only the (row sums [m], column sums [n]) of the
+    squared gradient, from taps on their inputs and output-gradients
+    (:func:`squared_gradient_sums`): no per-example gradient of theirs is formed. Every
+    other parameter not in ``skip`` gets its full per-example gradient (vmap), squared
+    and summed: (value shaped like the parameter,).
+    """
+    flat = tree_by_path(params)
+    rest = {p: v for p, v in flat.items() if p not in dense and p not in skip}
+
+    def objective(acc, small, toks, mask):
+        def interceptor(next_fun, args, kwargs, context):
+            y = next_fun(*args, **kwargs)
+            if not (isinstance(context.module, nn.Dense) and context.method_name == '__call__'):
+                return y
+            path = _module_path(context.module) + '/kernel'
+            if path not in dense:
+                return y
+            x = jax.lax.stop_gradient(args[0])
+            return _square_tap(y, x, acc[path][0], acc[path][1], precision)
+
+        with nn.intercept_methods(interceptor):
+            logits = model.apply({'params': _set_by_path(params, small)}, toks[None])
+        return output_objective(logits, toks[None], mask[None], 'loss')
+
+    b = tokens.shape[0]
+    acc0 = {
+        p: (
+            jnp.zeros((b, flat[p].shape[0]), jnp.float32),
+            jnp.zeros((b, flat[p].shape[1]), jnp.float32),
+        )
+        for p in sorted(dense)
+    }
+    d_acc, d_rest = jax.vmap(jax.grad(objective, argnums=(0, 1)), in_axes=(0, None, 0, 0))(
+        acc0, rest, tokens, loss_mask
+    )
+    out = {p: (r.sum(0), c.sum(0)) for p, (r, c) in d_acc.items()}
+    out.update(
+        {p: (jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0),) for p, g in d_rest.items()}
+    )
+    return out
+
+
 def _module_path(module: nn.Module) -> str:
     return '/'.join(str(p) for p in module.scope.path)
 

@@ -9,8 +9,11 @@ Adafactor state. With ``factored=False`` every parameter keeps a full v (element
 correction: exact, but non-Dense-fusable, so the kernel falls back to per-example
 gradients for those parameters).
 
-Cost: one forward + backward per example; per-example gradients are formed for
-``chunk_size`` examples at a time (memory chunk_size x params).
+Cost: one forward + backward per example. The factored Dense kernels' statistics come
+from taps (``kernel.squared_gradient_sums``: for G = xᵀ g, the row sums of G² are
+Σ_t x_ti (g gᵀ x)_ti and the column sums Σ_t g_tj (x xᵀ g)_tj, from T x T Gram matrices);
+the other parameters' per-example gradients are formed for ``chunk_size`` examples at
+a time (memory chunk_size x their size).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from jax.experimental import multihost_utils
 
 from trackstar_jax import losses
 from trackstar_jax.data import examples as examples_lib
+from trackstar_jax.grads import kernel
 from trackstar_jax.grads.correction import factored_axes
+from trackstar_jax.grads.layout import path_str
 
 
 def _factored(shape: tuple[int, ...], factored: bool, min_dim: int) -> bool:
@@ -51,6 +56,7 @@ def estimate_second_moments(
     factored: bool = True,
     min_dim_size_to_factor: int = 128,
     chunk_size: int = 8,
+    method: str = 'taps',
 ) -> optax.FactoredState:
     """Mean squared per-example loss gradient, in optax Adafactor's state format.
 
@@ -60,15 +66,31 @@ def estimate_second_moments(
       batches: iterable of {'tokens', 'loss_mask'} batches (the loss convention).
       factored: store matrices factored (v_row, v_col) as Adafactor does.
       min_dim_size_to_factor: as optax's argument of the same name.
-      chunk_size: examples whose per-example gradients are formed at once.
+      chunk_size: examples per compiled call.
+      method: 'taps' — the factored Dense kernels' row and column sums of squares come
+        from taps on their inputs and output-gradients (``kernel.
+        squared_gradient_sums``: T x T Gram matrices, never a per-example m x n
+        gradient), every other parameter's from its per-example gradient; or
+        'per_example' — every parameter's per-example gradient squared (the reference).
 
     Returns:
       An ``optax.FactoredState`` usable as ``opt_state`` with correction='adafactor'.
 
     Raises:
-      ValueError: if ``batches`` is empty.
+      ValueError: if ``batches`` is empty or ``method`` unknown.
     """
+    if method not in ('taps', 'per_example'):
+        raise ValueError(f"method must be 'taps' or 'per_example', got {method!r}.")
     params = nn.unbox(params)
+    flat = kernel.tree_by_path(params)
+    dense = frozenset()
+    if method == 'taps':
+        dense = frozenset(
+            p
+            for p in kernel.discover_dense_kernels(model, params, 8)
+            if flat[p].ndim == 2
+            and _factored(tuple(flat[p].shape), factored, min_dim_size_to_factor)
+        )
 
     def example_loss(p, toks, mask):
         logits = model.apply({'params': p}, toks[None])
@@ -76,8 +98,11 @@ def estimate_second_moments(
 
     @jax.jit
     def sum_sq(p, toks, mask):
+        if method == 'taps':
+            return kernel.squared_gradient_sums_batch(model, p, toks, mask, dense)
         g = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(p, toks, mask)
-        return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=0), g)
+        sq = jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=0), g)
+        return {path: (v,) for path, v in kernel.tree_by_path(sq).items()}
 
     total, count, start = None, 0, time.time()
     for batch in batches:
@@ -102,18 +127,20 @@ def estimate_second_moments(
                 )
     if not count:
         raise ValueError('estimate_second_moments needs at least one example.')
-    mean_sq = jax.tree.map(lambda x: x / count, total)
+    one = jnp.zeros((1,), jnp.float32)
 
-    def split(v):
-        shape = tuple(v.shape)
+    def split(path, leaf):
+        shape, sums = tuple(leaf.shape), [x / count for x in total[path_str(path)]]
+        if len(sums) == 2:  # (Σ over axis 1 [m], Σ over axis 0 [n]) of a tapped kernel
+            d1, d0 = factored_axes(shape)
+            mean_over = {1: sums[0] / shape[1], 0: sums[1] / shape[0]}
+            return mean_over[d0], mean_over[d1], one
         if _factored(shape, factored, min_dim_size_to_factor):
             d1, d0 = factored_axes(shape)
-            one = jnp.zeros((1,), jnp.float32)
-            return jnp.mean(v, axis=d0), jnp.mean(v, axis=d1), one
-        one = jnp.zeros((1,), jnp.float32)
-        return one, one, v
+            return jnp.mean(sums[0], axis=d0), jnp.mean(sums[0], axis=d1), one
+        return one, one, sums[0]
 
-    parts = jax.tree.map(split, mean_sq)
+    parts = jax.tree_util.tree_map_with_path(split, params)
     is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
     pick = lambda i: jax.tree.map(lambda t: t[i], parts, is_leaf=is_triple)  # noqa: E731
     return optax.FactoredState(
