@@ -241,7 +241,7 @@ def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str,
     q = len(queries_idx)
 
     def chunks():
-        return streaming.stream_rows(train, mesh, SCORE_CHUNK, rank=rank, sort_by_rank=True)
+        return streaming.stream_rows(train, mesh, SCORE_CHUNK, rank=rank)
 
     def read_all() -> None:
         for chunk in chunks():

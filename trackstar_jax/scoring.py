@@ -175,12 +175,15 @@ def make_chunk_scorer(mesh: Mesh, k: int, kind: str, unit_norm: bool, opponents:
     def local(queries, vecs, valid, ranks, rows, arrays):
         t = transform(vecs, apply, arrays, unit_norm)
         s = jnp.matmul(queries, t.T, precision=jax.lax.Precision.HIGHEST)  # [Q, C_local]
+        # Columns in id-rank order (the [Q, C] scores move, not the [C, D] rows).
+        order = jnp.argsort(ranks)
+        s, valid, ranks, rows = s[:, order], valid[order], ranks[order], rows[order]
         out = []
         for sign, size in zip((1.0, -1.0), sizes, strict=False):
             signed = jnp.where(valid[None, :], sign * s, NEG_INF)
-            # lax.top_k puts the lower index first among equal scores, and stream_rows
-            # orders each device's rows by id rank: so this is (score desc, id asc) too,
-            # without sorting the whole [Q, C] block.
+            # lax.top_k puts the lower index first among equal scores, and the columns
+            # are in id-rank order: so this is (score desc, id asc) too, without sorting
+            # the whole [Q, C] block.
             vals, idx = jax.lax.top_k(signed, min(size, vecs.shape[0]))
             top = (vals, ranks[idx], rows[idx])
             # Gather every device's local top-k and merge them (same result on all).
@@ -278,9 +281,7 @@ def score(
     step = make_chunk_scorer(mesh, k, preconditioner.kind, config.unit_norm, opponents)
     t0 = time.time()
     chunk_rows = config.chunk_rows
-    chunks = streaming.stream_rows(
-        train, mesh, chunk_rows, rank=id_ranks(train.ids), sort_by_rank=True
-    )
+    chunks = streaming.stream_rows(train, mesh, chunk_rows, rank=id_ranks(train.ids))
     for i, (vecs, valid, rows, ranks) in enumerate(chunks):
         # At most two chunks in flight: memory stays flat however long the index is.
         jax.block_until_ready(state)

@@ -34,14 +34,15 @@ def stream_rows(
     mesh: Mesh,
     chunk_rows: int,
     rank: np.ndarray | None = None,
-    sort_by_rank: bool = False,
 ) -> Iterator[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
     """Yields (vectors [C, D], valid [C] bool, row [C] int32, rank [C] int32) along ``data``.
 
     C = chunk_rows rounded up to the data axis; rows past the end are zero, invalid,
-    row -1 and rank last. ``rank`` is a per-row int array carried along (default: the row itself);
-    with ``sort_by_rank`` each process's rows of a chunk are ordered by it. The next
-    chunk is read from TensorStore while the caller computes on this one.
+    row -1 and rank last. ``rank`` is a per-row int array carried along (default: the
+    row itself). Vectors keep the stored dtype (bfloat16 crosses to the device at half
+    the bytes; consumers upcast there) and are read straight into the array handed to
+    the device: no host-side copy or reordering. The next chunk is read from
+    TensorStore while the caller computes on this one.
     """
     c = round_up(chunk_rows, mesh.shape[shd.DATA])
     layout = DataLayout.for_mesh(mesh, c)
@@ -52,9 +53,13 @@ def stream_rows(
     def load(start: int):
         lo = start + layout.row_start
         hi = min(start + layout.row_stop, n)
-        local = np.zeros((layout.local_batch_size, idx.dim), np.float32)
-        if hi > lo:
-            local[: hi - lo] = idx.read(slice(lo, hi))
+        size = layout.local_batch_size
+        if hi - lo == size:
+            local = idx.read(slice(lo, hi), upcast=False)
+        else:  # the last chunk: zero rows after the end
+            part = idx.read(slice(lo, max(hi, lo)), upcast=False)
+            local = np.zeros((size, idx.dim), part.dtype)
+            local[: len(part)] = part
         rows = np.arange(start + layout.row_start, start + layout.row_stop, dtype=np.int32)
         valid = rows < n
         ranks = rows if rank is None else rank[np.minimum(rows, n - 1)].astype(np.int32)
@@ -62,9 +67,6 @@ def stream_rows(
         # Padding rows carry row -1: a consumer that keeps one by mistake (ties at -inf
         # under an unstable sort) gets "no row", never another example's row number.
         rows = np.where(valid, rows, -1).astype(np.int32)
-        if sort_by_rank:
-            order = np.argsort(ranks, kind='stable')
-            local, rows, valid, ranks = local[order], rows[order], valid[order], ranks[order]
         return local, valid, rows, ranks
 
     starts = list(range(0, n, c))
