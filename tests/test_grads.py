@@ -75,13 +75,18 @@ def rel_err(a, b):
         ('parallel_mqa', 'trak'),
     ],
 )
-def test_fused_equals_reference(shape, output_fn):
+@pytest.mark.parametrize('batched', [True, False], ids=['batched', 'vmap'])
+def test_fused_equals_reference(shape, output_fn, batched):
     cfg = SHAPES[shape]
-    model, params, state = trained(cfg)
+    # Batched: every matrix factored (Adafactor's min dim 2), so every parameter the taps
+    # do not take is a vector (norm scales): what the batched kernel handles per example.
+    model, params, state = fx.trained(cfg, steps=3, min_dim=2 if batched else MIN_DIM)
     spec = grads.GradientSpec(
         block_dim=16, num_layer_blocks=2, output_fn=output_fn, correction='adafactor'
     )
-    feat = grads.Featurizer(model, params, spec, opt_state=state)
+    feat = grads.Featurizer(model, params, spec, opt_state=state, batched=batched)
+    # This package's models take the batched kernel by default whenever it applies.
+    assert grads.Featurizer(model, params, spec, opt_state=state).batched == batched
     # Both code paths are exercised: fused rank-one kernels and unfused params.
     assert len(feat.fused_paths) >= 10
     assert any(e.path not in feat.fused_paths for e in feat.layout.entries if not e.excluded)

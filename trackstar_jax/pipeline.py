@@ -18,6 +18,7 @@ Indices are addressed by URL (a path, ``gs://``, ``memory://``; see :mod:`index`
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -241,53 +242,64 @@ def featurize(
         int(done[: writer.num_chunks].sum()),
     )
     t0, rows_done = time.time(), 0
-    for i, step in enumerate(todo):
-        chunk = step * procs + me
-        start, stop = writer.rows(chunk) if chunk < writer.num_chunks else (n, n)
-        mine = source.rows(start, stop)
-        length = config.seq_len
-        if procs == 1:
-            # Only to the chunk's longest example: short examples cost their length.
-            longest = max([len(ex['tokens']) for ex in mine] or [1])
-            length = examples_lib.bucket_length(longest, config.seq_len)
-        batch = examples_lib.pad_batch(mine, chunk_rows, length)
-        out = np.concatenate(
-            [
-                featurizer.local({k: v[b : b + config.batch_size] for k, v in batch.items()})
-                for b in range(0, chunk_rows, config.batch_size)
-            ]
-        )
-        if chunk < writer.num_chunks and not done[chunk]:
-            valid = stop - start
-            finite = np.isfinite(out[:valid]).all(axis=1)
-            if not finite.all():
-                bad = [ids[start + i] for i in np.flatnonzero(~finite)]
-                raise ValueError(
-                    f'Non-finite features for examples {bad[:10]} ({len(bad)} in chunk {chunk} '
-                    f'of {url}); nothing of the chunk was stored. Check those examples and '
-                    'the model and optimizer state they were featurized with.'
-                )
-            writer.write_chunk(
-                chunk,
-                out[:valid],
-                batch['loss_mask'][:valid].sum(1),
-                fault_hook=fault_hook,
-                input_digest=input_digest(mine),
+    # Chunk i is written by a background thread while chunk i + 1 is computed; at most
+    # one write is in flight, and its error (or a fault hook's) surfaces at the next
+    # chunk. A crash loses at most the uncommitted chunk, which a resume recomputes.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, step in enumerate(todo):
+            chunk = step * procs + me
+            start, stop = writer.rows(chunk) if chunk < writer.num_chunks else (n, n)
+            mine = source.rows(start, stop)
+            length = config.seq_len
+            if procs == 1:
+                # Only to the chunk's longest example: short examples cost their length.
+                longest = max([len(ex['tokens']) for ex in mine] or [1])
+                length = examples_lib.bucket_length(longest, config.seq_len)
+            batch = examples_lib.pad_batch(mine, chunk_rows, length)
+            out = np.concatenate(
+                [
+                    featurizer.local({k: v[b : b + config.batch_size] for k, v in batch.items()})
+                    for b in range(0, chunk_rows, config.batch_size)
+                ]
             )
-            rows_done += valid
-        rate = rows_done / max(time.time() - t0, 1e-9)
-        left = sum(
-            min(chunk_rows, max(n - (s * procs + me) * chunk_rows, 0)) for s in todo[i + 1 :]
-        )
-        logging.info(
-            'Index %s: step %d/%d, %d rows this run, %.1f rows/s, ETA %.0fs',
-            url,
-            i + 1,
-            len(todo),
-            rows_done,
-            rate,
-            left / max(rate, 1e-9),
-        )
+            if pending is not None:
+                pending.result()
+                pending = None
+            if chunk < writer.num_chunks and not done[chunk]:
+                valid = stop - start
+                finite = np.isfinite(out[:valid]).all(axis=1)
+                if not finite.all():
+                    bad = [ids[start + i] for i in np.flatnonzero(~finite)]
+                    raise ValueError(
+                        f'Non-finite features for examples {bad[:10]} ({len(bad)} in chunk '
+                        f'{chunk} of {url}); nothing of the chunk was stored. Check those '
+                        'examples and the model and optimizer state they were featurized with.'
+                    )
+                pending = pool.submit(
+                    writer.write_chunk,
+                    chunk,
+                    out[:valid],
+                    batch['loss_mask'][:valid].sum(1),
+                    fault_hook=fault_hook,
+                    input_digest=input_digest(mine),
+                )
+                rows_done += valid
+            rate = rows_done / max(time.time() - t0, 1e-9)
+            left = sum(
+                min(chunk_rows, max(n - (s * procs + me) * chunk_rows, 0)) for s in todo[i + 1 :]
+            )
+            logging.info(
+                'Index %s: step %d/%d, %d rows this run, %.1f rows/s, ETA %.0fs',
+                url,
+                i + 1,
+                len(todo),
+                rows_done,
+                rate,
+                left / max(rate, 1e-9),
+            )
+        if pending is not None:
+            pending.result()
     if procs > 1:
         multihost_utils.sync_global_devices('index_done')
     idx = writer.finish()

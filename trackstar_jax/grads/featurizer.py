@@ -28,6 +28,12 @@ from trackstar_jax import sharding as shd
 from trackstar_jax.grads import correction as correction_lib
 from trackstar_jax.grads import kernel, projection
 from trackstar_jax.grads.layout import ATTENTION_PATTERN, LAYER_PATTERN, Layout, build_layout
+from trackstar_jax.models.decoder import DecoderLM
+from trackstar_jax.models.llama import LlamaLM
+
+# Models whose examples never interact: the batched kernel is exact for them (tested
+# against the vmap kernel and the reference).
+BATCHED_MODELS = (DecoderLM, LlamaLM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +111,7 @@ class Featurizer:
         opt_state: Any | None = None,
         mesh: Mesh | None = None,
         max_len: int | None = None,
+        batched: bool | None = None,
     ):
         """Builds the layout, the corrections and the compiled kernels.
 
@@ -119,6 +126,12 @@ class Featurizer:
           mesh: the mesh to shard over (None: default device, no sharding).
           max_len: sequence length used to trace the model when discovering its Dense
             layers (default: ``model.config.max_len`` or 8).
+          batched: run the fused kernel on the whole batch at once
+            (``kernel.fused_features_batched``, faster) instead of under vmap per
+            example. None: batched for this package's models (``BATCHED_MODELS``) when
+            every untapped parameter is an RMSNorm scale; pass True for another model
+            built from ``nn.Dense`` and this package's ``RMSNorm`` only if its examples
+            never interact.
         """
         self.model = model
         self.spec = spec
@@ -141,6 +154,17 @@ class Featurizer:
             len(unfused),
             unfused_size,
         )
+        scales = kernel.discover_norm_scales(model, params, min(trace_len, 8))
+        can_batch = kernel.batchable(self.layout, params, self.fused_paths, scales)
+        if batched is None:
+            batched = isinstance(model, BATCHED_MODELS) and can_batch
+        elif batched and not can_batch:
+            raise ValueError(
+                'batched=True needs every parameter the taps do not take to be an RMSNorm '
+                'scale (here a Dense kernel has an elementwise correction, or another '
+                'parameter is present); use batched=False.'
+            )
+        self.batched = batched
         self.params = self._place_params(params, min(trace_len, 8))
         refuse_non_finite(self.params, 'parameters')
         refuse_non_finite(
@@ -176,6 +200,7 @@ class Featurizer:
             mesh,
             *self._shardings(),
             spec.precision,
+            batched,
         )
         self._reference = self._jit(
             lambda p, c, t, m: kernel.reference_features(
@@ -287,12 +312,15 @@ def fused_program(
     param_shardings: Any,
     constant_shardings: Any,
     precision: str = 'default',
+    batched: bool = False,
 ):
     """The jit-compiled fused kernel ``(params, (corrections, projections), tokens, mask)
     -> [B, D]``, sharded over ``mesh``: what a Featurizer runs, and what
-    :mod:`trackstar_jax.compile` lowers from abstract inputs for a target topology."""
+    :mod:`trackstar_jax.compile` lowers from abstract inputs for a target topology.
+    ``batched``: :func:`kernel.fused_features_batched` instead of the vmap kernel."""
+    fn = kernel.fused_features_batched if batched else kernel.fused_features
     return _jit_sharded(
-        lambda p, c, t, m: kernel.fused_features(
+        lambda p, c, t, m: fn(
             model, p, t, m, layout, c[0], c[1], output_fn, fused_paths, kernel.PRECISIONS[precision]
         ),
         mesh,

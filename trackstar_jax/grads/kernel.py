@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from trackstar_jax import losses
 from trackstar_jax.grads.correction import ParamCorrection
 from trackstar_jax.grads.layout import Layout, path_str
+from trackstar_jax.models.decoder import RMSNorm
 
 OUTPUT_FNS = ('loss', 'margin', 'logit', 'trak')
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -270,6 +271,32 @@ def squared_gradient_sums_batch(
     return out
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _batched_tap(y: jax.Array, x_proj: jax.Array, b_mat: jax.Array, acc: jax.Array, precision):
+    """``_tap`` for a whole batch: y [B, ..., n]; its VJP sends each example's k x k
+    product to its row of ``acc`` [B, k, k]."""
+    del x_proj, b_mat, acc, precision
+    return y
+
+
+def _batched_tap_fwd(y, x_proj, b_mat, acc, precision):
+    del acc, precision
+    return y, (x_proj, b_mat)
+
+
+def _batched_tap_bwd(precision, res, g):
+    x_proj, b_mat = res
+    b, k = x_proj.shape[0], x_proj.shape[-1]
+    g_proj = jnp.matmul(g.astype(jnp.float32), b_mat, precision=precision)
+    d_acc = jnp.einsum(
+        'btk,btl->bkl', x_proj.reshape(b, -1, k), g_proj.reshape(b, -1, k), precision=precision
+    )
+    return g, None, None, d_acc
+
+
+_batched_tap.defvjp(_batched_tap_fwd, _batched_tap_bwd)
+
+
 def _module_path(module: nn.Module) -> str:
     return '/'.join(str(p) for p in module.scope.path)
 
@@ -377,6 +404,88 @@ def fused_features(
         jax.grad(lambda acc, small, t, m: objective(params, acc, small, t, m), argnums=(0, 1)),
         in_axes=(0, None, 0, 0),
     )(acc0, rest, tokens, loss_mask)
+    return _assemble(d_acc, d_rest, layout, corrections, projections, precision)
+
+
+def discover_norm_scales(model: nn.Module, params: Any, seq_len: int) -> frozenset[str]:
+    """Paths of the scales of every ``RMSNorm`` the model calls (abstract trace)."""
+    seen: list[str] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, RMSNorm) and context.method_name == '__call__':
+            seen.append(_module_path(context.module) + '/scale')
+        return next_fun(*args, **kwargs)
+
+    def run(p):
+        with nn.intercept_methods(interceptor):
+            return model.apply({'params': p}, jnp.zeros((1, seq_len), jnp.int32))
+
+    jax.eval_shape(run, params)
+    return frozenset(seen)
+
+
+def batchable(
+    layout: Layout, params: Any, fused: frozenset[str], norm_scales: frozenset[str]
+) -> bool:
+    """Whether :func:`fused_features_batched` can take these params: every included
+    parameter the taps do not take is the scale of an ``RMSNorm``."""
+    return set(_unfused(params, layout, fused)) <= set(norm_scales)
+
+
+def fused_features_batched(
+    model: nn.Module,
+    params: Any,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    layout: Layout,
+    corrections: Mapping[str, ParamCorrection],
+    projections: Mapping[str, tuple[jax.Array, jax.Array]],
+    output_fn: str,
+    fused: frozenset[str],
+    precision: jax.lax.Precision = HIGHEST,
+) -> jax.Array:
+    """``fused_features`` with the model run once on the whole batch (no vmap).
+
+    The taps keep examples apart by the batch axis of their inputs and output-gradients.
+    The untapped parameters must be ``RMSNorm`` scales (:func:`batchable`): each norm
+    call is replaced by the same math with one copy of its scale per example, [B, 1, d]
+    against activations [B, T, d], so the scale's gradient is the per-example one.
+    Exact when examples never interact (no batch statistics, no routing across the
+    batch): true of this package's models; ``Featurizer(batched=...)`` chooses.
+    """
+    b = tokens.shape[0]
+    entries = layout.by_path()
+    mats = {p: _side_matrices(*projections[p], corrections[p]) for p in sorted(fused)}
+    rest = _unfused(params, layout, fused)
+    per_example = {p: jnp.broadcast_to(v, (b, 1, *v.shape)) for p, v in rest.items()}
+
+    def objective(acc, small):
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name != '__call__':
+                return next_fun(*args, **kwargs)
+            if isinstance(module, RMSNorm):
+                path = _module_path(module) + '/scale'
+                if path in small:
+                    return RMSNorm.normalize(args[0], small[path], module.eps, module.dtype)
+            y = next_fun(*args, **kwargs)
+            if not isinstance(module, nn.Dense):
+                return y
+            path = _module_path(module) + '/kernel'
+            if path not in mats:
+                return y
+            a_mat, b_mat = mats[path]
+            x = jax.lax.stop_gradient(args[0]).astype(jnp.float32)
+            x_proj = jnp.matmul(x, a_mat, precision=precision)
+            return _batched_tap(y, x_proj, b_mat, acc[entries[path].block], precision)
+
+        with nn.intercept_methods(interceptor):
+            logits = model.apply({'params': params}, tokens)
+        return output_objective(logits, tokens, loss_mask, output_fn)
+
+    acc0 = [jnp.zeros((b, layout.side, layout.side), jnp.float32)] * layout.num_blocks
+    d_acc, d_rest = jax.grad(objective, argnums=(0, 1))(acc0, per_example)
+    d_rest = {p: g.reshape(b, *rest[p].shape) for p, g in d_rest.items()}
     return _assemble(d_acc, d_rest, layout, corrections, projections, precision)
 
 

@@ -125,9 +125,15 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             self.param_dtype,
         )
+        return self.normalize(x, scale, self.eps, self.dtype)
+
+    @staticmethod
+    def normalize(x: jax.Array, scale: jax.Array, eps: float, dtype: Dtype) -> jax.Array:
+        """The norm's math; ``scale`` [d] or, in the batched gradient kernel, one copy
+        per example [B, 1, d]."""
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return (normed * scale.astype(jnp.float32)).astype(dtype)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
