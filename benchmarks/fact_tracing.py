@@ -30,8 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 OUT = os.path.join(harness.RESULTS_DIR, 'fact_tracing.json')
-README = os.path.join(harness.ROOT, 'README.md')
-BEGIN, END = '<!-- fact_tracing:begin -->', '<!-- fact_tracing:end -->'
 METRICS = (
     ('rr', 'mrr', 'MRR'),
     ('hit', None, 'Recall'),
@@ -299,17 +297,7 @@ def readme_section(result: dict) -> str:
 
 def write_readme(result: dict, check: bool = False) -> bool:
     """Writes (or, with ``check``, compares) the README section; True if it is current."""
-    text = open(README).read()
-    head, sep, rest = text.partition(BEGIN)
-    _, sep2, tail = rest.partition(END)
-    if not (sep and sep2):
-        raise SystemExit(f'README.md has no {BEGIN} ... {END} section.')
-    new = f'{head}{BEGIN}\n{readme_section(result)}\n{END}{tail}'
-    if check:
-        return new == text
-    with open(README, 'w') as f:
-        f.write(new)
-    return True
+    return harness.readme_section('fact_tracing', readme_section(result), check) or not check
 
 
 def markdown(result: dict) -> str:

@@ -8,7 +8,8 @@
   jitted function's executable; :func:`record_throughput`;
 * provenance: :func:`host_info` (no JAX), :func:`device_info` (imports JAX),
   :func:`library_fingerprint` (git commit, dirty flag, hash of the library sources);
-* :func:`write_result`: the JSON, with the command line that made it.
+* :func:`write_result`: the JSON, with the command line that made it;
+* :func:`readme_section`: a generated section of README.md (between marker comments).
 
 Scripts are run as ``python benchmarks/<name>.py``, so ``import harness`` resolves here.
 Importing this module puts the repository root first on ``sys.path`` (the checkout's
@@ -278,3 +279,29 @@ def write_result(path: str, result: Mapping[str, Any], argv: Sequence[str] | Non
         f.write('\n')
     os.replace(tmp, path)
     return path
+
+
+README = os.path.join(ROOT, 'README.md')
+
+
+def readme_section(name: str, body: str, check: bool = False, path: str = README) -> bool:
+    """Puts ``body`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` of README.md.
+
+    With ``check`` nothing is written. Returns whether the file already held ``body``.
+
+    Raises:
+      SystemExit: if the file has no such section.
+    """
+    begin, end = f'<!-- {name}:begin -->', f'<!-- {name}:end -->'
+    with open(path) as f:
+        text = f.read()
+    head, sep, rest = text.partition(begin)
+    _, sep2, tail = rest.partition(end)
+    if not (sep and sep2):
+        raise SystemExit(f'{path} has no {begin} ... {end} section.')
+    new = f'{head}{begin}\n{body}\n{end}{tail}'
+    if new == text or check:
+        return new == text
+    with open(path, 'w') as f:
+        f.write(new)
+    return False

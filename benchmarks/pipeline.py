@@ -216,6 +216,26 @@ def baselines(queries, train, r_inv_sqrt) -> dict[str, Callable[[], None]]:
     return out
 
 
+def raw_read(path: str) -> Callable[[], int]:
+    """Reading every byte of the index's vector files in order, plain ``open().read()``:
+    the storage's own speed, nothing decoded, checked or moved to a device."""
+    files = sorted(
+        os.path.join(d, f)
+        for d, _, names in os.walk(os.path.join(path, 'vectors'))
+        for f in names
+        if f != 'zarr.json'
+    )
+
+    def run() -> int:
+        total = 0
+        for f in files:
+            with open(f, 'rb') as fh:
+                total += len(fh.read())
+        return total
+
+    return run
+
+
 def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str, float]:
     """Where ``score`` (no preconditioner, unit norm) spends its time, from its own pieces.
 
@@ -313,6 +333,8 @@ def bench_scoring(
         arrays = {} if m is None else {'r_inv_sqrt': r}
         q = scoring.transform(q_raw, precond_lib.get(kind).apply, arrays, True)
         base_fns = baselines(q, train, None if m is None else r)
+        if m is None:
+            base_fns['raw_read'] = raw_read(train_path)
 
         def score(m=m):
             return pipeline.score(query_path, train_path, m, config)
@@ -342,6 +364,12 @@ def bench_scoring(
             else:
                 ratio = base[name] / score_s
             entry[f'ratio_vs_{name}'] = ratio
+        # The physical limit: the slower of computing (matmul + top-k in memory) and
+        # reading the bytes (raw sequential read); score / limit in rows/s.
+        limit_s = max(base['matmul_topk'], base['raw_read'])
+        entry['limit'] = 'matmul_topk' if base['matmul_topk'] >= base['raw_read'] else 'raw_read'
+        entry['score_over_limit'] = limit_s / score_s
+        entry['score_over_matmul'] = base['matmul_topk'] / score_s
         out[label] = entry
     if breakdown:
         out['no_hessian']['breakdown'] = score_breakdown(query_path, train_path, repeats)
@@ -676,10 +704,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    results['summary'] = summarize(results)
     results['wall_seconds'] = time.perf_counter() - t_start
     end = harness.library_fingerprint(LIBRARY_FILES)
     results['library']['changed_during_run'] = harness.changed_during_run(results['library'], end)
     return results
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline ratios over every configuration measured (worst case of each).
+
+    score_over_limit_min: score rows/s over min(in-memory matmul + top-k, raw read), the
+    lowest over D, Q and with / without R (steady state: R's row norms cached);
+    score_over_matmul_min: the same against the matmul + top-k alone;
+    fit_over_xtx_max: the highest fit time over one in-memory XᵀX of the same rows.
+    """
+    entries = [
+        (f'D={s["dim"]} Q={s["queries"]} {label}', s[label])
+        for s in results['scoring']
+        for label in ('no_hessian', 'hessian')
+    ]
+    worst = min(entries, key=lambda e: e[1]['score_over_limit'])
+    fits = [(f'D={f["dim"]}', f['ratio_fit_total_vs_xtx']) for f in results['fit']]
+    worst_fit = max(fits, key=lambda f: f[1])
+    return {
+        'score_over_limit_min': worst[1]['score_over_limit'],
+        'score_over_limit_min_at': worst[0],
+        'score_over_matmul_min': min(e['score_over_matmul'] for _, e in entries),
+        'fit_over_xtx_max': worst_fit[1],
+        'fit_over_xtx_max_at': worst_fit[0],
+        'targets': {'score_over_limit_min': 0.8, 'fit_over_xtx_max': 1.2},
+    }
 
 
 def _log(msg: str) -> None:

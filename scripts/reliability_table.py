@@ -18,8 +18,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, 'README.md')
-BEGIN, END = '<!-- reliability:begin -->', '<!-- reliability:end -->'
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import harness  # noqa: E402 - the README section writer the benchmarks share
 
 
 class _Collector:
@@ -56,19 +56,10 @@ def table(found: list[tuple[str, str, str]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = open(README).read()
-    head, sep, rest = text.partition(BEGIN)
-    _, sep2, tail = rest.partition(END)
-    if not (sep and sep2):
-        raise SystemExit(f'README.md has no {BEGIN} ... {END} section.')
-    new = f'{head}{BEGIN}\n{table(rows())}\n{END}{tail}'
-    if '--check' in argv:
-        if new != text:
-            print('README.md reliability table is stale: run python scripts/reliability_table.py')
-            return 1
-        return 0
-    with open(README, 'w') as f:
-        f.write(new)
+    current = harness.readme_section('reliability', table(rows()), check='--check' in argv)
+    if '--check' in argv and not current:
+        print('README.md reliability table is stale: run python scripts/reliability_table.py')
+        return 1
     return 0
 
 

@@ -226,3 +226,50 @@ def test_score_refuses_mismatched_indices(indices, tmp_path):
     q = fx.build_index(other, fx.query_examples(2), str(tmp_path / 'q'), chunk_rows=2)
     with pytest.raises(index.ManifestMismatchError):
         pipeline.score(q, train)
+
+
+@pytest.mark.fault(
+    'A changed byte in the cached row norms ||M v|| beside an index',
+    'CRC mismatch: recomputed from the index (warning), same scores',
+)
+def test_row_norms_are_cached_verified_and_recomputed_when_damaged(indices, tmp_path):
+    """Folded scoring reads ||M v|| from the index's cache; a damaged cache is rebuilt."""
+    import shutil
+
+    from trackstar_jax import scoring
+
+    root, train, queries = indices
+    path = str(tmp_path / 'train_copy')
+    shutil.copytree(train.path, path)
+    train = index.open(path)
+    h = pipeline.fit(train, queries)
+    cfg = ScoreConfig(k=5, chunk_rows=16)
+    first = pipeline.score(queries, train, h, cfg)
+    cache = [f for f in os.listdir(os.path.join(path, 'cache')) if f.endswith('.bin')]
+    assert len(cache) == 1 and h.digest() in cache[0]
+    brute = np.linalg.norm(
+        hessian.apply_blocks(h.arrays['r_inv_sqrt'], train.read(slice(0, 45))), axis=1
+    )
+    np.testing.assert_allclose(scoring.row_norms(train, h), brute, rtol=1e-5)
+    with open(os.path.join(path, 'cache', cache[0]), 'r+b') as f:  # flip one byte
+        f.seek(17)
+        byte = f.read(1)
+        f.seek(17)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    again = pipeline.score(queries, train, h, cfg)
+    np.testing.assert_array_equal(again.rows, first.rows)
+    np.testing.assert_allclose(scoring.row_norms(train, h), brute, rtol=1e-5)
+
+
+def test_k_above_n_on_eight_devices_returns_the_n_real_rows(tmp_path):
+    assert len(jax.devices()) == 8, 'needs the 8 fake CPU devices of conftest'
+    feat = fx.featurizer()
+    train = fx.build_index(feat, fx.train_examples(5), str(tmp_path / 'train'), chunk_rows=2)
+    queries = fx.build_index(feat, fx.query_examples(3), str(tmp_path / 'q'), chunk_rows=2)
+    mesh = shd.make_mesh((('data', 8), ('model', 1)))
+    for use_r in (False, True):
+        h = pipeline.fit(train, queries) if use_r else None
+        res = pipeline.score(queries, train, h, ScoreConfig(k=50, opponents=50), mesh=mesh)
+        for q in range(3):
+            assert sorted(res.rows[q].tolist()) == list(range(5))
+            assert sorted(res.opponent_rows[q].tolist()) == list(range(5))

@@ -167,6 +167,12 @@ def test_tracin_sums_over_steps_equal_a_float64_brute_force_and_one_step_is_trac
         pipeline.score_tracin({2: query_idx[0]}, idx)
 
 
+@pytest.mark.fault(
+    'Training with a training-time index crashes after a checkpoint (rows of later steps '
+    'uncommitted)',
+    'The resumed run writes exactly those rows again (bitwise equal); rows missing before '
+    'the resume checkpoint: RuntimeError before any step',
+)
 def test_trainer_writes_the_index_and_a_resumed_run_completes_it_exactly(tmp_path):
     import shutil
 
@@ -211,3 +217,40 @@ def test_trainer_writes_the_index_and_a_resumed_run_completes_it_exactly(tmp_pat
     store.delete('progress/chunk_00000000')
     with gin.unlock_config(), pytest.raises(RuntimeError, match='lacks the rows of 1 recorded'):
         train_lm.train_lm(**run)
+
+
+def test_score_training_job_featurizes_queries_at_the_recorded_checkpoints(tmp_path):
+    import json
+
+    import gin
+
+    from trackstar_jax import index as index_lib
+    from trackstar_jax.jobs import attribution, train_lm
+
+    cfg = dataclasses.replace(fx.CFG, vocab_size=4096)
+    tc = dataclasses.replace(TC, num_steps=6, checkpoint_every=2, log_every=3)
+    with gin.unlock_config():
+        train_lm.train_lm(
+            workdir=str(tmp_path), model_config=cfg, train_config=tc, max_documents=40,
+            train_index=train_index.TrainIndexConfig(spec=SPEC, first_step=1),
+        )  # fmt: skip
+        url = attribution.score_training(
+            workdir=str(tmp_path),
+            max_queries=4,
+            query_config=pipeline.IndexConfig(seq_len=16, batch_size=8),
+            config=pipeline.ScoreConfig(k=3, unit_norm=False, opponents=1),
+        )
+    # Checkpoints 2 and 4 lie inside the recorded steps 1-5 (6 is after them); every
+    # checkpoint was kept.
+    for step in (2, 4):
+        q = index_lib.open(str(tmp_path / f'tracin_scores.jsonl_queries_step{step}'))
+        assert q.manifest['checkpoint_step'] == step
+    assert not (tmp_path / 'tracin_scores.jsonl_queries_step6').exists()
+    kept = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+    assert kept == [2, 4, 6]
+    records = [json.loads(line) for line in open(url)]
+    assert len({r['query_id'] for r in records}) == 4
+    assert sorted({r['rank'] for r in records}) == [-1, 1, 2, 3]
+    assert all(r['example_id'].startswith('row') and '@' not in r['example_id'] for r in records)
+    with gin.unlock_config(), pytest.raises(ValueError, match='asked for \\[5\\]'):
+        attribution.score_training(workdir=str(tmp_path), checkpoint_steps=[5])

@@ -87,6 +87,8 @@ class Kind:
       apply: (arrays, vectors [n, D]) -> [n, D]; pure and jit-traceable.
       uses_queries: whether ``fit`` reads the query index (then it is required).
       description: one line for tables and errors.
+      symmetric: ``apply`` is a symmetric linear map M, so (M q)·(M v) = (M² q)·v and
+        scoring folds M into the queries instead of applying it to every train row.
     """
 
     name: str
@@ -94,6 +96,7 @@ class Kind:
     apply: ApplyFn
     uses_queries: bool = False
     description: str = ''
+    symmetric: bool = False
 
 
 _KINDS: dict[str, Kind] = {}
@@ -139,6 +142,14 @@ class Preconditioner:
         """M · v for each row of ``vectors`` [n, D] -> float32 [n, D]."""
         arrays = {k: jnp.asarray(v) for k, v in self.arrays.items()}
         return get(self.kind).apply(arrays, jnp.asarray(vectors, jnp.float32))
+
+    def digest(self) -> str:
+        """A hash of the kind and the arrays: what keys per-index caches of ||M v||."""
+        h = hashlib.sha256(self.kind.encode())
+        for name in sorted(self.arrays):
+            a = np.ascontiguousarray(np.asarray(self.arrays[name], np.float32))
+            h.update(name.encode() + str(a.shape).encode() + a.tobytes())
+        return h.hexdigest()[:20]
 
     def save(self, url: str) -> str:
         """Writes the preconditioner under ``url`` (atomically, see the module doc)."""
@@ -296,11 +307,17 @@ def _apply_block(arrays, vectors):
     return hessian.apply_blocks(arrays['r_inv_sqrt'], vectors)
 
 
-register(Kind('none', _fit_none, _apply_none, description='identity'))
+register(Kind('none', _fit_none, _apply_none, description='identity', symmetric=True))
 register(
-    Kind('diagonal', _fit_diagonal, _apply_diagonal, description='1/sqrt(mean φ² + δ) per dim')
+    Kind(
+        'diagonal',
+        _fit_diagonal,
+        _apply_diagonal,
+        description='1/sqrt(mean φ² + δ) per dim',
+        symmetric=True,
+    )
 )
-register(Kind('train', _fit_block, _apply_block, description='block R_train^-1/2'))
+register(Kind('train', _fit_block, _apply_block, description='block R_train^-1/2', symmetric=True))
 register(
     Kind(
         'mixed',
@@ -308,6 +325,7 @@ register(
         _apply_block,
         uses_queries=True,
         description='block (λ R_eval + (1 − λ) R_train)^-1/2',
+        symmetric=True,
     )
 )
 

@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import time
+import zlib
 from functools import partial
 from typing import Any
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -161,20 +163,43 @@ def query_transform(mesh: Mesh, kind: str, unit_norm: bool):
 
 
 @functools.cache
-def make_chunk_scorer(mesh: Mesh, k: int, kind: str, unit_norm: bool, opponents: int = 0):
+def fold_queries(mesh: Mesh, kind: str, unit_norm: bool):
+    """The jit-compiled query side of a folded score: M (M q / ||M q||) (replicated).
+
+    For a symmetric M, (M q / ||M q||)·(M v) = [M (M q / ||M q||)]·v: the train rows are
+    then scored as they are stored, divided by their cached ||M v|| (:func:`row_norms`).
+    """
+    apply = precond_lib.get(kind).apply
+    return jax.jit(
+        lambda v, arrays: apply(arrays, transform(v, apply, arrays, unit_norm)),
+        out_shardings=shd.replicated(mesh),
+    )
+
+
+@functools.cache
+def make_chunk_scorer(
+    mesh: Mesh, k: int, kind: str, unit_norm: bool, opponents: int = 0, row_scaled: bool = False
+):
     """The jit-compiled step folding one train chunk into the running top-k (cached).
 
     ``step(state, queries, vecs, valid, ranks, rows, arrays) -> state``, where state is
     ((scores, ranks, rows) of the k best,) and, with ``opponents`` > 0, also those of the
     ``opponents`` most negative scores (kept as the top of -score: the same exact merge,
-    ties again by id). :func:`initial_state` makes the empty state.
+    ties again by id). :func:`initial_state` makes the empty state. With ``row_scaled``
+    the rows are not transformed: ``arrays`` is {'inv_norms': [N]} and row r's scores are
+    multiplied by inv_norms[r] (the folded path, see :func:`fold_queries`).
     """
     apply = precond_lib.get(kind).apply
     sizes = (k, opponents) if opponents else (k,)
 
     def local(queries, vecs, valid, ranks, rows, arrays):
-        t = transform(vecs, apply, arrays, unit_norm)
+        if row_scaled:
+            t = vecs.astype(jnp.float32)
+        else:
+            t = transform(vecs, apply, arrays, unit_norm)
         s = jnp.matmul(queries, t.T, precision=jax.lax.Precision.HIGHEST)  # [Q, C_local]
+        if row_scaled:
+            s = s * arrays['inv_norms'][jnp.maximum(rows, 0)][None, :]
         # Columns in id-rank order (the [Q, C] scores move, not the [C, D] rows).
         order = jnp.argsort(ranks)
         s, valid, ranks, rows = s[:, order], valid[order], ranks[order], rows[order]
@@ -235,6 +260,58 @@ def id_ranks(ids: list[str]) -> np.ndarray:
     return rank
 
 
+_NORM_CACHE = 'cache/row_norms_'
+
+
+@functools.cache
+def _norm_step(mesh: Mesh, kind: str):
+    apply = precond_lib.get(kind).apply
+    return jax.jit(
+        lambda vecs, arrays: jnp.linalg.norm(apply(arrays, vecs.astype(jnp.float32)), axis=-1)
+    )
+
+
+def row_norms(
+    train: Index, preconditioner: Preconditioner, *, mesh: Mesh | None = None, chunk_rows=4096
+) -> np.ndarray:
+    """||M v|| of every train row (float32 [N]): read from the index's cache, or computed
+    in one streaming pass and cached there (keyed by the preconditioner's digest and the
+    index manifest; verified by CRC-32 on read, recomputed if it does not match)."""
+    mesh = mesh or streaming.default_mesh()
+    store = index_lib.Store(train.path)
+    key = _NORM_CACHE + preconditioner.digest()
+    manifest = index_lib.manifest_digest(train.manifest)
+    if store.exists(key + '.json'):
+        meta = store.read_json(key + '.json')
+        data = store.read_bytes(key + '.bin') if store.exists(key + '.bin') else b''
+        if (
+            meta.get('manifest') == manifest
+            and meta.get('rows') == len(train)
+            and meta.get('crc32') == f'{zlib.crc32(data):08x}'
+        ):
+            return np.frombuffer(data, np.float32).copy()
+        logging.warning('%s: cached row norms do not match; recomputing them.', train.path)
+    arrays = jax.device_put(preconditioner.arrays, shd.replicated(mesh))
+    step = _norm_step(mesh, preconditioner.kind)
+    out = np.zeros(len(train), np.float32)
+    for vecs, valid, rows, _ in streaming.stream_rows(train, mesh, chunk_rows):
+        norms, valid, rows = (
+            multihost_utils.process_allgather(a, tiled=True)
+            for a in (step(vecs, arrays), valid, rows)
+        )
+        out[rows[valid]] = norms[valid]
+    if jax.process_index() == 0:
+        data = out.tobytes()
+        meta = {'manifest': manifest, 'rows': len(train), 'crc32': f'{zlib.crc32(data):08x}'}
+        try:  # the bytes first, the entry naming them last
+            store.write_bytes(key + '.bin', data)
+            store.write_json(key + '.json', {**meta, 'kind': preconditioner.kind})
+        except Exception as e:  # noqa: BLE001 - a read-only index still scores
+            logging.warning('%s: cannot cache row norms (%s); they are recomputed next time.',
+                            train.path, e)  # fmt: skip
+    return out
+
+
 def score(
     queries_idx: Index,
     train: Index,
@@ -272,13 +349,22 @@ def score(
     mesh = mesh or streaming.default_mesh()
     rep = shd.replicated(mesh)
     arrays = jax.device_put(preconditioner.arrays, rep)
-    queries = query_transform(mesh, preconditioner.kind, config.unit_norm)(
-        jax.device_put(queries_idx.read(slice(0, len(queries_idx))), rep), arrays
-    )
+    raw_queries = jax.device_put(queries_idx.read(slice(0, len(queries_idx))), rep)
     nq = len(queries_idx)
     opponents = min(max(config.opponents, 0), len(train))
     state = initial_state(mesh, nq, k, opponents)
-    step = make_chunk_scorer(mesh, k, preconditioner.kind, config.unit_norm, opponents)
+    if precond_lib.get(preconditioner.kind).symmetric:
+        # M is applied to the Q queries (twice), not to the N train rows: the rows are
+        # scored as stored, divided by ||M v|| (cached beside the index after one pass).
+        queries = fold_queries(mesh, preconditioner.kind, config.unit_norm)(raw_queries, arrays)
+        if config.unit_norm:
+            norms = row_norms(train, preconditioner, mesh=mesh, chunk_rows=config.chunk_rows)
+            inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)
+            arrays = {'inv_norms': jax.device_put(inv.astype(np.float32), rep)}
+        step = make_chunk_scorer(mesh, k, 'none', False, opponents, config.unit_norm)
+    else:
+        queries = query_transform(mesh, preconditioner.kind, config.unit_norm)(raw_queries, arrays)
+        step = make_chunk_scorer(mesh, k, preconditioner.kind, config.unit_norm, opponents)
     t0 = time.time()
     chunk_rows = config.chunk_rows
     chunks = streaming.stream_rows(train, mesh, chunk_rows, rank=id_ranks(train.ids))

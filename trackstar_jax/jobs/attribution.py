@@ -271,3 +271,68 @@ def score(
         out_path=url,
     )
     return url
+
+
+@gin.configurable('score_training', denylist=['workdir'])
+def score_training(
+    *,
+    workdir: str,
+    training_index: str = 'train_time_index',
+    checkpoint_dir: str = 'checkpoints',
+    checkpoint_steps: Sequence[int] | None = None,
+    facts_path: str = corpus_lib.FACTS_PATH,
+    tokenizer_path: str = corpus_lib.TOKENIZER_PATH,
+    max_queries: int | None = None,
+    query_config: pipeline.IndexConfig = pipeline.IndexConfig(seq_len=64),
+    config: pipeline.ScoreConfig = pipeline.ScoreConfig(unit_norm=False, opponents=10),
+    weighting: str = 'lr',
+    mesh_axes: MeshAxes = DEFAULT_MESH,
+    output: str = 'tracin_scores.jsonl',
+) -> str:
+    """TracIn-CP over an index written during training (``train_lm.train_index``).
+
+    The queries are featurized at each checkpoint the training run saved inside its
+    recorded steps (``checkpoint_steps``: others it saved; default those; a relative
+    ``checkpoint_dir`` is under ``workdir``), with the spec the
+    index was written with, into ``<output>_queries_step<S>``; then
+    ``pipeline.score_tracin`` sums lr_s · φ_{c(s)}(q)·φ_s(z) over each training row's
+    recorded steps and writes the exact top-k (JSONL, ranks as the score job's).
+    """
+    from trackstar_jax import train_index as train_index_lib
+
+    checkpoint_dir = resolve(workdir, checkpoint_dir)
+    idx = index_lib.open(resolve(workdir, training_index))
+    recorded = sorted(train_index_lib.checkpoint_fingerprints(idx))
+    row_steps, _ = train_index_lib.recorded_steps(idx)
+    first, last = int(row_steps.min()), int(row_steps.max())
+    if checkpoint_steps is None:  # the checkpoints inside the recorded window
+        steps = [c for c in recorded if first <= c <= last]
+    else:
+        steps = sorted(checkpoint_steps)
+    missing = [s for s in steps if s not in recorded]
+    if not steps or missing:
+        raise ValueError(
+            f'{idx.path} recorded steps {first}..{last} and checkpoints {recorded}; asked '
+            f'for {steps}. Score checkpoints the run saved (TrainConfig.checkpoint_every '
+            'inside the recorded steps, or checkpoint_steps).'
+        )
+    spec = grads.GradientSpec(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in idx.manifest['spec'].items()}
+    )
+    mesh = shd.make_mesh(mesh_axes)
+    queries = {}
+    for step in steps:
+        loaded = load_model(checkpoint_dir, mesh, step)
+        featurizer = grads.Featurizer(
+            loaded.model, loaded.params, spec, opt_state=loaded.opt_state, mesh=mesh
+        )
+        tokenizer = checkpoint_tokenizer(loaded, tokenizer_path)
+        facts = corpus_lib.load_facts(facts_path)[:max_queries]
+        examples = examples_lib.fact_queries(facts, tokenizer, query_config.seq_len)
+        url = resolve(workdir, f'{output}_queries_step{step}')
+        extra = {'checkpoint_dir': os.path.abspath(checkpoint_dir), 'checkpoint_step': step}
+        queries[step] = pipeline.featurize(featurizer, examples, url, query_config,
+                                           manifest_extra=extra)  # fmt: skip
+    url = resolve(workdir, output)
+    pipeline.score_tracin(queries, idx, config, weighting=weighting, mesh=mesh, out_path=url)
+    return url

@@ -141,7 +141,8 @@ def train_lm(
     tx = train.make_optimizer(train_config)
     state, shardings = train.create_train_state(model, train_config, mesh)
     ckpt_dir = os.path.join(workdir, 'checkpoints')
-    mngr = checkpoint.manager(ckpt_dir)
+    # With a training-time index every checkpoint is kept: TracIn scores its queries at each.
+    mngr = checkpoint.manager(ckpt_dir, max_to_keep=None if train_index is not None else 3)
     config_record = {
         'model': model_config.to_dict(),
         'train': train_config.to_dict(),
