@@ -240,7 +240,7 @@ def test_row_norms_are_cached_verified_and_recomputed_when_damaged(indices, tmp_
 
     root, train, queries = indices
     path = str(tmp_path / 'train_copy')
-    shutil.copytree(train.path, path)
+    shutil.copytree(train.path, path, ignore=shutil.ignore_patterns('cache'))
     train = index.open(path)
     h = pipeline.fit(train, queries)
     cfg = ScoreConfig(k=5, chunk_rows=16)

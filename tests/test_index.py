@@ -150,3 +150,29 @@ def test_sharded_featurizer_builds_the_same_index(feat, tmp_path):
     index.check_compatible(one.manifest, eight.manifest)
     a = one.read(slice(0, 13))
     np.testing.assert_allclose(eight.read(slice(0, 13)), a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_raw_chunk_reads_equal_tensorstore_reads(tmp_path, dtype):
+    """A local index is read straight from its chunk files: the same values TensorStore
+    decodes, for every slice (edge chunk, all-zero chunk never written as a file)."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((21, 6)).astype(np.float32)
+    vectors[8:16] = 0.0  # chunk 1: all zeros, so TensorStore writes no file for it
+    writer = index.create(str(tmp_path), {'x': 1}, [f'r{i}' for i in range(21)], dim=6,
+                          dtype=dtype, chunk_rows=8)  # fmt: skip
+    for c in range(writer.num_chunks):
+        start, stop = writer.rows(c)
+        writer.write_chunk(c, vectors[start:stop], np.ones(stop - start))
+    assert not os.path.exists(tmp_path / 'vectors' / 'c' / '1' / '0')
+    direct = index.open(str(tmp_path))
+    assert direct._chunk_files is not None
+    via_ts = index.open(str(tmp_path))
+    via_ts._chunk_files = None
+    for rows in (slice(0, 21), slice(3, 19), slice(16, 21), slice(9, 10)):
+        for upcast in (True, False):
+            a, b = direct.read(rows, upcast=upcast), via_ts.read(rows, upcast=upcast)
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    expected = vectors.astype(index.DTYPES[dtype]).astype(np.float32)
+    np.testing.assert_array_equal(direct.read(slice(0, 21)), expected)

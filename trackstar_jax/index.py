@@ -30,6 +30,7 @@ process, gone when it exits): for tests and throw-away runs.
 
 from __future__ import annotations
 
+import builtins
 import concurrent.futures
 import hashlib
 import json
@@ -236,6 +237,26 @@ def read_checked(url: str) -> bytes:
     return data
 
 
+def _raw_chunk_dir(store: Store, array: ts.TensorStore) -> str | None:
+    """The local directory of ``array``'s chunk files when they hold raw rows (a file
+    store, zarr3 ``bytes`` codec only, default chunk keys, one chunk across the columns),
+    else None (TensorStore reads it)."""
+    if store._spec.get('driver') != 'file':
+        return None
+    meta = array.spec().to_json().get('metadata', {})
+    codecs = [c.get('name') for c in meta.get('codecs', [])]
+    keys = meta.get('chunk_key_encoding', {})
+    chunk_cols = meta.get('chunk_grid', {}).get('configuration', {}).get('chunk_shape', [0, 0])
+    if (
+        codecs != ['bytes']
+        or keys.get('name') != 'default'
+        or keys.get('configuration', {}).get('separator', '/') != '/'
+        or chunk_cols[1] != meta.get('shape', [0, -1])[1]
+    ):
+        return None
+    return os.path.join(store._spec['path'], 'vectors')
+
+
 def _marker(chunk: int) -> str:
     return f'progress/chunk_{chunk:08d}'
 
@@ -305,6 +326,7 @@ class Index:
         self._norms = store.open_array('norms')
         self._num_targets = store.open_array('num_targets')
         self._verified: set[tuple[int, str]] = set()
+        self._chunk_files = _raw_chunk_dir(store, self._vectors)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -365,19 +387,53 @@ class Index:
             return np.zeros((0, self.dim), out_dtype or self._vectors.dtype.numpy_dtype)
         first, last = start // cr, (stop - 1) // cr
         todo = [c for c in range(first, last + 1) if (c, 'vectors') not in self._verified]
-        if not todo:
+        if not todo and self._chunk_files is None:
             return np.asarray(self._vectors[start:stop].read().result(), out_dtype)
         lo, hi = first * cr, min((last + 1) * cr, n)
-        block = np.asarray(self._vectors[lo:hi].read().result())
-        parts = [block[c * cr - lo : min((c + 1) * cr, n) - lo] for c in todo]
-        # zlib.crc32 and sha256 release the GIL: chunks are hashed on all cores at once.
-        with concurrent.futures.ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
-            digests = list(
-                pool.map(lambda c, a: _marker_digest(self._markers[c])[1](a), todo, parts)
-            )
-        for c, digest in zip(todo, digests, strict=True):
-            self._check(c, 'vectors', digest)
+        if self._chunk_files is not None:
+            block = self._read_chunk_files(first, last)[: hi - lo]
+        else:
+            block = np.asarray(self._vectors[lo:hi].read().result())
+        if todo:
+            parts = [block[c * cr - lo : min((c + 1) * cr, n) - lo] for c in todo]
+            # zlib.crc32 and sha256 release the GIL: chunks are hashed on all cores at once.
+            workers = min(len(todo), os.cpu_count() or 1)
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                digests = list(
+                    pool.map(lambda c, a: _marker_digest(self._markers[c])[1](a), todo, parts)
+                )
+            for c, digest in zip(todo, digests, strict=True):
+                self._check(c, 'vectors', digest)
         return np.asarray(block[start - lo : stop - lo], out_dtype)  # no copy for float32
+
+    def _read_chunk_files(self, first: int, last: int) -> np.ndarray:
+        """Chunks [first, last] read straight from their files into one array.
+
+        Only for a local index whose vectors are stored uncompressed (zarr3's ``bytes``
+        codec): a chunk file is then the raw little-endian rows (edge chunks padded to
+        full size), so one ``readinto`` per file replaces TensorStore's decode and copy.
+        A missing file reads as the fill value (TensorStore does not write an all-zero
+        chunk; the chunk checksum tells a deleted one), a short one is an IntegrityError.
+        """
+        cr, dim = self._chunk_rows, self.dim
+        dtype = np.dtype(self._vectors.dtype.numpy_dtype).newbyteorder('<')
+        out = np.empty(((last - first + 1) * cr, dim), dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        size = cr * dim * dtype.itemsize
+        for i, c in enumerate(range(first, last + 1)):
+            path = os.path.join(self._chunk_files, 'c', str(c), '0')
+            try:
+                with builtins.open(path, 'rb') as f:
+                    got = f.readinto(view[i * size : (i + 1) * size])
+            except FileNotFoundError:
+                out[i * cr : (i + 1) * cr] = 0
+                continue
+            if got != size:
+                raise IntegrityError(
+                    f'Index {self.path}: chunk {c} of vectors is cut short ({path}: {got} '
+                    f'of {size} bytes).'
+                )
+        return out if dtype.isnative else out.astype(dtype.newbyteorder('='))
 
     def norms(self) -> np.ndarray:
         """||v|| per example (float32 [N]), verified."""

@@ -276,7 +276,10 @@ def row_norms(
 ) -> np.ndarray:
     """||M v|| of every train row (float32 [N]): read from the index's cache, or computed
     in one streaming pass and cached there (keyed by the preconditioner's digest and the
-    index manifest; verified by CRC-32 on read, recomputed if it does not match)."""
+    index manifest; verified by CRC-32 on read, recomputed if it does not match). With
+    no preconditioner over float32 rows: the norms the index stored with them."""
+    if preconditioner.kind == 'none' and train.manifest['dtype'] == 'float32':
+        return train.norms()  # stored beside the vectors at write time, verified
     mesh = mesh or streaming.default_mesh()
     store = index_lib.Store(train.path)
     key = _NORM_CACHE + preconditioner.digest()
