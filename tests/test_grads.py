@@ -430,3 +430,37 @@ def test_unsharded_params_on_a_model_axis_are_refused():
     grads.Featurizer(model, params, spec, mesh=shd.make_mesh((('data', 8), ('model', 1))))
     with pytest.raises(ValueError, match='not sharded along the model axis'):
         grads.Featurizer(model, params, spec, mesh=shd.make_mesh((('data', 4), ('model', 2))))
+
+
+def test_micro_steps_choice():
+    from trackstar_jax.grads.featurizer import micro_steps
+
+    # SmolLM2-sized logits: 3 copies of 128 x 49,152 float32 are 72 MiB per row, so
+    # 256 MiB holds 3 rows: 8 slices of 2 rows.
+    assert micro_steps(16, 128, 49152, 1, 256 * 2**20) == 8
+    # Slices stay multiples of the data axis: 2 slices of 8 (the most it can split).
+    assert micro_steps(16, 128, 49152, 8, 256 * 2**20) == 2
+    assert micro_steps(32, 128, 4096, 1, 256 * 2**20) == 1
+    assert micro_steps(5, 12, None, 1, 1) == 1
+
+
+@pytest.mark.parametrize('axes', [None, (('data', 8), ('model', 1))], ids=['one', 'data8'])
+def test_sliced_batches_equal_whole_batches(axes):
+    """A batch run in sequential slices (a tiny logits budget) gives the same rows."""
+    mesh = None if axes is None else shd.make_mesh(axes)
+    model, params, state = fx.trained(fx.CFG, steps=2, min_dim=2)
+    spec = grads.GradientSpec(block_dim=16, num_layer_blocks=2)
+    whole = grads.Featurizer(model, params, spec, opt_state=state, mesh=mesh)
+    sliced = grads.Featurizer(model, params, spec, opt_state=state, mesh=mesh,
+                              max_logits_bytes=1)  # fmt: skip
+    rng = np.random.default_rng(3)
+    b = {'tokens': rng.integers(0, 64, (16, 12)).astype(np.int32),
+         'loss_mask': np.ones((16, 12), np.float32)}  # fmt: skip
+    b['loss_mask'][:, 0] = 0
+    b['loss_mask'][5, 7:] = 0
+    a, c = np.asarray(whole(b)), np.asarray(sliced(b))
+    np.testing.assert_allclose(c, a, rtol=2e-5, atol=1e-6 * np.abs(a).max())
+    np.testing.assert_allclose(c, np.asarray(whole.reference(b)), rtol=1e-4,
+                               atol=1e-5 * np.abs(a).max())  # fmt: skip
+    lowered = sliced._fused.lower(sliced.params, sliced.constants, b['tokens'], b['loss_mask'])
+    assert 'while' in lowered.as_text()  # the slices ran as a loop

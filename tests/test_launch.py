@@ -152,3 +152,13 @@ def test_readme_fact_tracing_table_is_generated_from_the_benchmark_json():
         result = json.load(f)
     assert len(result['runs']) == 2 and result['claims']
     assert module.write_readme(result, check=True), 'run benchmarks/fact_tracing.py --readme_only'
+
+
+def test_readme_cost_table_is_generated_from_the_benchmark_jsons():
+    """The README's costs table is the committed train_index / vs_bergson / pipeline JSONs'."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'benchmarks', 'cost_table.py'), '--check'],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

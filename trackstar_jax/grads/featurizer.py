@@ -31,6 +31,9 @@ from trackstar_jax.grads.layout import ATTENTION_PATTERN, LAYER_PATTERN, Layout,
 from trackstar_jax.models.decoder import DecoderLM
 from trackstar_jax.models.llama import LlamaLM
 
+# Logits, log-softmax and its gradient of one kernel step stay under this (float32).
+MAX_LOGITS_BYTES = 256 * 2**20
+
 # Models whose examples never interact: the batched kernel is exact for them (tested
 # against the vmap kernel and the reference).
 BATCHED_MODELS = (DecoderLM, LlamaLM)
@@ -112,6 +115,7 @@ class Featurizer:
         mesh: Mesh | None = None,
         max_len: int | None = None,
         batched: bool | None = None,
+        max_logits_bytes: int = MAX_LOGITS_BYTES,
     ):
         """Builds the layout, the corrections and the compiled kernels.
 
@@ -132,6 +136,9 @@ class Featurizer:
             every untapped parameter is an RMSNorm scale; pass True for another model
             built from ``nn.Dense`` and this package's ``RMSNorm`` only if its examples
             never interact.
+          max_logits_bytes: a batch whose [B, T, V] logits (three float32 copies: the
+            logits, their log-softmax and its gradient) would exceed this runs in
+            sequential slices (``micro_steps``): exact, with one slice's memory.
         """
         self.model = model
         self.spec = spec
@@ -201,6 +208,8 @@ class Featurizer:
             *self._shardings(),
             spec.precision,
             batched,
+            _vocab_size(model, self.params, min(trace_len, 8)),
+            max_logits_bytes,
         )
         self._reference = self._jit(
             lambda p, c, t, m: kernel.reference_features(
@@ -313,20 +322,60 @@ def fused_program(
     constant_shardings: Any,
     precision: str = 'default',
     batched: bool = False,
+    vocab_size: int | None = None,
+    max_logits_bytes: int = MAX_LOGITS_BYTES,
 ):
     """The jit-compiled fused kernel ``(params, (corrections, projections), tokens, mask)
     -> [B, D]``, sharded over ``mesh``: what a Featurizer runs, and what
     :mod:`trackstar_jax.compile` lowers from abstract inputs for a target topology.
-    ``batched``: :func:`kernel.fused_features_batched` instead of the vmap kernel."""
+    ``batched``: :func:`kernel.fused_features_batched` instead of the vmap kernel.
+    With ``vocab_size``, a batch whose logits (with their log-softmax and gradient)
+    would exceed ``max_logits_bytes`` runs as a sequence of smaller slices of it
+    (:func:`micro_steps`): the same rows, one slice's temporaries in memory at a time."""
     fn = kernel.fused_features_batched if batched else kernel.fused_features
-    return _jit_sharded(
-        lambda p, c, t, m: fn(
-            model, p, t, m, layout, c[0], c[1], output_fn, fused_paths, kernel.PRECISIONS[precision]
-        ),
-        mesh,
-        param_shardings,
-        constant_shardings,
-    )
+    data = 1 if mesh is None else mesh.shape[shd.DATA]
+
+    def run(p, c, tokens, mask):
+        def one(tm):
+            return fn(
+                model, p, tm[0], tm[1], layout, c[0], c[1], output_fn, fused_paths,
+                kernel.PRECISIONS[precision],
+            )  # fmt: skip
+
+        b, t = tokens.shape
+        n = micro_steps(b, t, vocab_size, data, max_logits_bytes)
+        if n == 1:
+            return one((tokens, mask))
+        # Slice j holds rows j, n + j, 2n + j, ...: every device keeps its own rows (the
+        # leading axis stays the sharded one), so slicing moves no data between devices.
+        split = lambda x: x.reshape(b // n, n, t).swapaxes(0, 1)  # noqa: E731
+        out = jax.lax.map(one, (split(tokens), split(mask)))  # [n, B / n, D]
+        return out.swapaxes(0, 1).reshape(b, -1)
+
+    return _jit_sharded(run, mesh, param_shardings, constant_shardings)
+
+
+def micro_steps(
+    batch: int, seq_len: int, vocab_size: int | None, data: int, max_logits_bytes: int
+) -> int:
+    """Sequential slices a batch runs in: the fewest whose rows' [T, V] float32 logits
+    (three copies) fit ``max_logits_bytes``, each slice still a multiple of ``data``."""
+    if not vocab_size:
+        return 1
+    fit = max(1, max_logits_bytes // (3 * 4 * seq_len * vocab_size))
+    valid = [n for n in range(1, batch + 1) if batch % n == 0 and (batch // n) % data == 0]
+    return next((n for n in valid if batch // n <= fit), valid[-1] if valid else 1)
+
+
+def _vocab_size(model: nn.Module, params: Any, seq_len: int) -> int | None:
+    """V, the last dim of the model's output (abstract trace)."""
+    try:
+        out = jax.eval_shape(
+            lambda p: model.apply({'params': p}, jnp.zeros((1, seq_len), jnp.int32)), params
+        )
+        return int(out.shape[-1])
+    except Exception:  # noqa: BLE001 - then batches are never sliced
+        return None
 
 
 def _put(x: Any, sharding: NamedSharding) -> Any:
