@@ -185,21 +185,27 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
             seq_len=length, batch_size=args.batch_size, chunk_rows=args.batch_size * 4
         )
 
+    # Peak RSS after each phase: which phase sets the process's peak.
+    peak_after = {'load': harness.peak_rss_mb()}
     t = time.perf_counter()
     train = pipeline.featurize(feat, passages, os.path.join(work, 'train'), index_config(seq_len))
     phases['index_passages'] = time.perf_counter() - t
+    peak_after['index_passages'] = harness.peak_rss_mb()
     t = time.perf_counter()
     qi = pipeline.featurize(feat, queries, os.path.join(work, 'queries'), index_config(qlen))
     phases['index_queries'] = time.perf_counter() - t
+    peak_after['index_queries'] = harness.peak_rss_mb()
     t = time.perf_counter()
     fit_config = pipeline.FitConfig(preconditioner='mixed', lam='auto', damping=0.01)
     precond = pipeline.fit(train, qi, fit_config, mesh=mesh)
     phases['fit_hessian'] = time.perf_counter() - t
+    peak_after['fit_hessian'] = harness.peak_rss_mb()
     t = time.perf_counter()
     res = pipeline.score(
         qi, train, precond, pipeline.ScoreConfig(k=args.k, unit_norm=True), mesh=mesh
     )
     phases['score'] = time.perf_counter() - t
+    peak_after['score'] = harness.peak_rss_mb()
     tokens = len(passages) * seq_len
     pipeline = sum(v for k, v in phases.items() if k != 'load')
     return {
@@ -220,6 +226,7 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
         'index_tokens_per_s': tokens / phases['index_passages'],
         'pipeline_wall_s': pipeline,
         'peak_rss_mb': harness.peak_rss_mb(),
+        'peak_rss_mb_after_phase': peak_after,
         'queries': [
             {'id': int(q), 'top': [int(i) for i in ids if i != '']}  # '' pads k > N
             for q, ids in zip(res.query_ids, res.ids, strict=True)

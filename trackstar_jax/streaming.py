@@ -37,18 +37,21 @@ def stream_rows(
 ) -> Iterator[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
     """Yields (vectors [C, D], valid [C] bool, row [C] int32, rank [C] int32) along ``data``.
 
-    C = chunk_rows rounded up to the data axis; rows past the end are zero, invalid,
+    C = chunk_rows (at most the index's rows) rounded up to the data axis; rows past the
+    end are zero, invalid,
     row -1 and rank last. ``rank`` is a per-row int array carried along (default: the
     row itself). Vectors keep the stored dtype (bfloat16 crosses to the device at half
     the bytes; consumers upcast there) and are read straight into the array handed to
     the device: no host-side copy or reordering. The next chunk is read from
     TensorStore while the caller computes on this one.
     """
-    c = round_up(chunk_rows, mesh.shape[shd.DATA])
+    n = len(idx)
+    # Never a chunk larger than the index: a 256-row index streamed in 4,096-row chunks
+    # would stage (and transform) 16x its own size in zero rows.
+    c = round_up(max(min(chunk_rows, n), 1), mesh.shape[shd.DATA])
     layout = DataLayout.for_mesh(mesh, c)
     rows_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA))
     mat_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA, None))
-    n = len(idx)
 
     def load(start: int):
         lo = start + layout.row_start
