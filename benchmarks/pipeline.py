@@ -239,12 +239,12 @@ def raw_read(path: str) -> Callable[[], int]:
 def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str, float]:
     """Where ``score`` (no preconditioner, unit norm) spends its time, from its own pieces.
 
-    read: iterating ``streaming.stream_rows`` as ``score`` does (TensorStore read, rows
-      ordered by id rank, staging as jax arrays), each chunk dropped once staged.
-    step: the jit'd ``make_chunk_scorer(mesh, K, 'none', True)`` step over chunks already
-      staged in memory.
-    step_no_norm: the same step built with unit_norm=False (step - step_no_norm is the
-      cost of normalising the train rows).
+    read: iterating ``streaming.stream_rows`` as ``score`` does (its chunk size, rows
+      with their id ranks, staged as jax arrays) over a held handle, each chunk dropped
+      once staged.
+    step: the jit'd chunk step ``score`` runs (``make_chunk_scorer(..., row_scaled=True)``:
+      rows as stored, scores scaled by the stored 1/||v||) over chunks already staged.
+    step_no_norm: the same step without the row scaling.
     compile: lowering + compiling the step, JAX's caches cleared first. ``score`` pays
       this on its first call only (its steps are cached per mesh, k, kind and
       unit_norm); ``score_first_call_seconds`` is that first call.
@@ -259,40 +259,43 @@ def score_breakdown(query_path: str, train_path: str, repeats: int) -> dict[str,
     rep = shd.replicated(mesh)
     rank = scoring.id_ranks(train.ids)
     q = len(queries_idx)
+    chunk = streaming.chunk_rows_for(train, mesh, SCORE_CHUNK)
 
     def chunks():
-        return streaming.stream_rows(train, mesh, SCORE_CHUNK, rank=rank)
+        return streaming.stream_rows(train, mesh, chunk, rank=rank)
 
     def read_all() -> None:
-        for chunk in chunks():
-            jax.block_until_ready(chunk)
+        for c in chunks():
+            jax.block_until_ready(c)
 
     read_s, read_all_s, _ = harness.timed(read_all, repeats)
     staged = list(chunks())
-    arrays: dict[str, Any] = {}  # the 'none' kind reads no arrays
-    queries = scoring.query_transform(mesh, 'none', True)(
-        jax.device_put(queries_idx.read(slice(0, q)), rep), arrays
+    queries = scoring.fold_queries(mesh, 'none', True)(
+        jax.device_put(queries_idx.read(slice(0, q)), rep), {}
     )
+    inv = (1.0 / np.maximum(train.norms(), 1e-30)).astype(np.float32)
+    scaled = {'inv_norms': jax.device_put(inv, rep)}
 
     def fresh_best():
-        return (scoring.initial_state(mesh, q, K),)
+        return scoring.initial_state(mesh, q, K)
 
-    out = {'read_s': read_s, 'read_all_s': read_all_s}
-    for name, unit_norm in (('step', True), ('step_no_norm', False)):
-        step = scoring.make_chunk_scorer(mesh, K, 'none', unit_norm)
+    out = {'read_s': read_s, 'read_all_s': read_all_s, 'chunk_rows': chunk}
+    for name, row_scaled in (('step', True), ('step_no_norm', False)):
+        step = scoring.make_chunk_scorer(mesh, K, 'none', False, 0, row_scaled)
+        arrays = scaled if row_scaled else {}
         vecs, valid, rows, ranks = staged[0]
-        if unit_norm:
+        if row_scaled:
             # score has compiled this step already: drop JAX's in-process caches so
             # this is a real lowering + compile (the step recompiles below, untimed).
             jax.clear_caches()
             _, out['compile_s'] = harness.compile_timed(
-                step, *fresh_best(), queries, vecs, valid, ranks, rows, arrays
+                step, fresh_best(), queries, vecs, valid, ranks, rows, arrays
             )
 
-        def run_steps(step=step):
+        def run_steps(step=step, arrays=arrays):
             best = fresh_best()
             for vecs, valid, rows, ranks in staged:
-                best = (step(*best, queries, vecs, valid, ranks, rows, arrays),)
+                best = step(best, queries, vecs, valid, ranks, rows, arrays)
             jax.block_until_ready(best)
 
         run_steps()
@@ -313,8 +316,13 @@ def bench_scoring(
     A first ``score`` call per configuration compiles the library's cached steps (its
     seconds are kept apart as ``score_first_call_seconds``); then score and its
     baselines run interleaved (``harness.interleaved``), and ratios are medians of the
-    per-repeat ratios (a busy machine skews both sides alike). With R^-1/2 the plain
-    matmul baselines are those of the no-preconditioner repeats (same sizes, same cost).
+    per-repeat ratios (a busy machine skews both sides alike). ``score`` is given index
+    handles held across calls (as a job scoring several query sets holds them): each
+    chunk was checked against its commit checksum on the handle's first read.
+    ``score_fresh`` (``score_fresh_handle_seconds``) opens the indices from their URLs
+    each call, so it also re-reads the ids and markers and hashes every stored byte.
+    With R^-1/2 the plain matmul baselines are those of the no-preconditioner repeats
+    (same sizes, same cost).
     """
     import jax.numpy as jnp
 
@@ -336,13 +344,20 @@ def bench_scoring(
         if m is None:
             base_fns['raw_read'] = raw_read(train_path)
 
-        def score(m=m):
+        held = (index.open(query_path), index.open(train_path))
+
+        def score(m=m, held=held):
+            return pipeline.score(*held, m, config)
+
+        def score_fresh(m=m):
             return pipeline.score(query_path, train_path, m, config)
 
         t0 = time.perf_counter()
         score()
         first_s = time.perf_counter() - t0
-        times = harness.interleaved({'score': score, **base_fns}, reps)
+        times = harness.interleaved({'score': score, 'score_fresh': score_fresh, **base_fns}, reps)
+        fresh_all = times.pop('score_fresh')
+        fresh_s = harness.median(fresh_all)
         runs = [{name: ts[i] for name, ts in times.items()} for i in range(reps)]
         if m is None:
             plain = {name: times[name] for name in base_fns}
@@ -354,6 +369,9 @@ def bench_scoring(
             'score_seconds': score_s,
             'score_all_seconds': times['score'],
             'score_first_call_seconds': first_s,
+            'score_fresh_handle_seconds': fresh_s,
+            'score_fresh_handle_rows_s': n / fresh_s,
+            'score_fresh_handle_all_seconds': fresh_all,
             'score_rows_s': n / score_s,
             'baselines': {name: {'seconds': sec, 'rows_s': n / sec} for name, sec in base.items()},
             'runs': runs,
@@ -440,9 +458,11 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
       ``hessian.sorted_eigs`` = eigvalsh, ``hessian.inverse_sqrt`` = eigh).
     not full (for big blocks, where the float64 eigen-decompositions take minutes): time
       the real ``hessian.autocorrelation`` passes each repeat, and once
-      ``hessian.sorted_eigs`` / ``hessian.inverse_sqrt`` on one block of the real R; the
-      fit estimate is the passes plus num_blocks x (2 eigvalsh + 1 eigh), which is what
-      the mixed fit runs. The preconditioner returned (for the scoring timings only)
+      ``hessian.sorted_eigs`` / ``hessian.inverse_sqrt`` on one block of the real R and
+      R_eval's spectrum as fit takes it (``hessian.low_rank_sorted_eigs`` from the
+      queries when they are fewer than d_b); the fit estimate is the passes plus
+      num_blocks x (eigvalsh of R_train + eigh of R) plus that, which is what the mixed
+      fit runs. The preconditioner returned (for the scoring timings only)
       repeats block 0's R^-1/2 for every block.
 
     Returns:
@@ -458,7 +478,7 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
     runs, precond, eig = [], None, None
     for _ in range(repeats):
         if full:
-            names = ('autocorrelation', 'sorted_eigs', 'inverse_sqrt')
+            names = ('autocorrelation', 'sorted_eigs', 'low_rank_sorted_eigs', 'inverse_sqrt')
             with _timing(hessian, names) as log:
                 t0 = time.perf_counter()
                 precond = pipeline.fit(train_path, query_path, config)
@@ -467,7 +487,7 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
                 'total': total,
                 'autocorrelation_train': log['autocorrelation'][0],
                 'autocorrelation_query': log['autocorrelation'][1],
-                'eigvalsh': sum(log['sorted_eigs']),
+                'eigvalsh': sum(log['sorted_eigs']) + sum(log['low_rank_sorted_eigs']),
                 'eigh_inverse_sqrt': sum(log['inverse_sqrt']),
             }
         else:
@@ -484,9 +504,19 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
                 eigvalsh_one = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 block = hessian.inverse_sqrt(r, config.damping).astype(np.float32)
+                eigh_one = time.perf_counter() - t0
+                # R_eval's spectrum as fit takes it with fewer queries than d_b: from
+                # the queries' Gram matrices, all blocks (otherwise one more eigvalsh).
+                q_rows = len(query_idx)
+                eval_s = nb * eigvalsh_one
+                if q_rows < r.shape[1]:
+                    t0 = time.perf_counter()
+                    hessian.low_rank_sorted_eigs(query_idx.read(slice(0, q_rows)), nb)
+                    eval_s = time.perf_counter() - t0
                 eig = {
                     'eigvalsh_one_block': eigvalsh_one,
-                    'eigh_one_block': time.perf_counter() - t0,
+                    'eigh_one_block': eigh_one,
+                    'eigvalsh_eval_all_blocks': eval_s,
                 }
                 precond = preconditioners.Preconditioner(
                     'mixed',
@@ -497,10 +527,11 @@ def bench_fit(train_path: str, query_path: str, repeats: int, full: bool):
             run = {
                 'total': ac_train
                 + ac_query
-                + nb * (2 * eig['eigvalsh_one_block'] + eig['eigh_one_block']),
+                + nb * (eig['eigvalsh_one_block'] + eig['eigh_one_block'])
+                + eig['eigvalsh_eval_all_blocks'],
                 'autocorrelation_train': ac_train,
                 'autocorrelation_query': ac_query,
-                'eigvalsh': 2 * nb * eig['eigvalsh_one_block'],
+                'eigvalsh': nb * eig['eigvalsh_one_block'] + eig['eigvalsh_eval_all_blocks'],
                 'eigh_inverse_sqrt': nb * eig['eigh_one_block'],
                 **eig,
             }
@@ -754,8 +785,9 @@ def report(res: dict[str, Any]) -> str:
         '',
         '1. score (k=10, unit_norm) train rows/s; R: mixed R^-1/2 preconditioner; '
         'ratio = baseline time / score time',
-        f'{"D":>6} {"N":>6} {"Q":>4} {"R":>3} {"score":>9} {"matmul":>9} {"mm+topk":>9} '
-        f'{"same":>9} {"vs mm":>6} {"vs mm+k":>7} {"vs same":>7}',
+        '(score: index handles held across calls; fresh: opened from their URLs each call)',
+        f'{"D":>6} {"N":>6} {"Q":>4} {"R":>3} {"score":>9} {"fresh":>9} {"matmul":>9} '
+        f'{"mm+topk":>9} {"same":>9} {"vs mm":>6} {"vs mm+k":>7} {"vs same":>7}',
     ]
     for s in res['scoring']:
         for label in ('no_hessian', 'hessian'):
@@ -765,8 +797,10 @@ def report(res: dict[str, Any]) -> str:
             lines.append(
                 f'{s["dim"]:>6} {s["n"]:>6} {s["queries"]:>4} '
                 f'{"yes" if label == "hessian" else "no":>3} '
-                f'{e["score_rows_s"]:>9.0f} {b["matmul"]["rows_s"]:>9.0f} '
-                f'{b["matmul_topk"]["rows_s"]:>9.0f} {same or float("nan"):>9.0f} '
+                f'{e["score_rows_s"]:>9.0f} '
+                f'{e.get("score_fresh_handle_rows_s", float("nan")):>9.0f} '
+                f'{b["matmul"]["rows_s"]:>9.0f} {b["matmul_topk"]["rows_s"]:>9.0f} '
+                f'{same or float("nan"):>9.0f} '
                 f'{e["ratio_vs_matmul"]:>6.2f} {e["ratio_vs_matmul_topk"]:>7.2f} '
                 f'{e.get("ratio_vs_same_math", float("nan")):>7.2f}'
             )

@@ -57,6 +57,12 @@ def test_fit_matches_numpy_and_whitens(indices):
             np.testing.assert_allclose(
                 h.diagnostics['eig_train'], e_t, rtol=1e-4, atol=1e-6 * e_t[0]
             )
+            # Fewer queries than a block's width: R_eval's spectrum came from their Gram
+            # matrices (zeros past the query count), not from R_eval itself.
+            assert len(queries) < train.dim // nb
+            np.testing.assert_allclose(
+                h.diagnostics['eig_eval'], e_e, rtol=1e-4, atol=1e-6 * e_e[0]
+            )
         r = h.info['lam'] * r_eval + (1 - h.info['lam']) * r_train
         np.testing.assert_allclose(
             h.arrays['r_inv_sqrt'],
@@ -70,6 +76,16 @@ def test_fit_matches_numpy_and_whitens(indices):
             damped = r[b] + 0.05 * e.mean() * np.eye(r.shape[1])
             m = h.arrays['r_inv_sqrt'][b].astype(np.float64)
             np.testing.assert_allclose(m @ damped @ m, np.eye(r.shape[1]), atol=2e-3)
+
+
+@pytest.mark.parametrize('n', [5, 24])
+def test_low_rank_spectrum_equals_the_full_one(n):
+    rng = np.random.default_rng(n)
+    v = rng.standard_normal((n, 3 * 16)) * rng.uniform(0.1, 3.0, 3 * 16)
+    full = hessian.sorted_eigs(_numpy_r(v, 3))
+    np.testing.assert_allclose(
+        hessian.low_rank_sorted_eigs(v.astype(np.float32), 3), full, atol=1e-5 * full[0]
+    )
 
 
 def test_auto_lambda_recovers_a_known_crossing():

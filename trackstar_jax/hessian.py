@@ -88,6 +88,7 @@ def autocorrelation(
     )()
     step = local_accumulator(mesh, nb, db)
     t0 = time.time()
+    chunk_rows = streaming.chunk_rows_for(idx, mesh, chunk_rows)
     for i, (vecs, *_) in enumerate(streaming.stream_rows(idx, mesh, chunk_rows)):
         jax.block_until_ready(acc)  # at most two chunks in flight: flat memory
         acc = step(acc, vecs)  # padding rows are zero: they add nothing
@@ -129,6 +130,21 @@ def sorted_eigs(r_blocks: np.ndarray) -> np.ndarray:
     return np.sort(np.concatenate([np.linalg.eigvalsh(r) for r in r_blocks]))[::-1]
 
 
+def low_rank_sorted_eigs(vectors: np.ndarray, num_blocks: int) -> np.ndarray:
+    """:func:`sorted_eigs` of R_b = Φ_bᵀ Φ_b / n, from the n x n Gram matrices Φ_b Φ_bᵀ / n.
+
+    Both have the same non-zero eigenvalues and R_b's other d_b − n are 0, so for n < d_b
+    (a query set smaller than a block, the usual case for R_eval) this replaces each
+    d_b x d_b decomposition by an n x n one (float64 throughout).
+    """
+    n, d = vectors.shape
+    db = d // num_blocks
+    v = np.asarray(vectors, np.float64).reshape(n, num_blocks, db)
+    eigs = [np.linalg.eigvalsh(v[:, b] @ v[:, b].T / n) for b in range(num_blocks)]
+    pad = np.zeros(max(db - n, 0))
+    return np.sort(np.concatenate([np.concatenate([e[-db:], pad]) for e in eigs]))[::-1]
+
+
 def crossing_component(top_k_components: int, dim: int) -> int:
     """The component k at which λ auto matches the curves: top_k_components of 2^16, scaled."""
     return max(1, round(top_k_components * dim / PAPER_DIM))
@@ -141,8 +157,12 @@ def mix(
     top_k_components: int,
     n_train: int,
     n_eval: int,
+    eig_eval: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
     """λ R_eval + (1 − λ) R_train, with λ given or 'auto'.
+
+    ``eig_eval``: R_eval's pooled spectrum if the caller has it already (e.g. from
+    :func:`low_rank_sorted_eigs`); otherwise it is computed from ``r_eval``.
 
     Returns:
       (R [B, d_b, d_b], {'lam', 'k_component'}, {'eig_train', 'eig_eval'} curves).
@@ -155,7 +175,8 @@ def mix(
         if lam not in ('auto', 0, 0.0):
             raise ValueError(f'λ = {lam!r} needs a query index (R_eval comes from queries).')
         return r_train, {'lam': 0.0, 'k_component': None}, {'eig_train': eig_train}
-    eig_eval = sorted_eigs(r_eval)
+    if eig_eval is None:
+        eig_eval = sorted_eigs(r_eval)
     k_component = None
     if lam == 'auto':
         dim = r_train.shape[0] * r_train.shape[1]

@@ -301,11 +301,16 @@ def _apply_diagonal(arrays, vectors):
 def _fit_block(train, queries, config, mesh):
     r_train, n_train = hessian.autocorrelation(train, mesh=mesh, chunk_rows=config.chunk_rows)
     r_train = r_train / n_train
-    r_eval, n_eval, lam = None, 0, 0.0
+    r_eval, n_eval, lam, eig_eval = None, 0, 0.0, None
     if queries is not None:
         r_eval, n_eval = hessian.autocorrelation(queries, mesh=mesh, chunk_rows=config.chunk_rows)
         r_eval, lam = r_eval / n_eval, config.lam
-    r, info, curves = hessian.mix(r_train, r_eval, lam, config.top_k_components, n_train, n_eval)
+        nb, db = r_eval.shape[:2]
+        if n_eval < db:  # R_eval's spectrum from the queries' Gram matrices: n_eval^3, not d_b^3
+            eig_eval = hessian.low_rank_sorted_eigs(queries.read(slice(0, n_eval)), nb)
+    r, info, curves = hessian.mix(
+        r_train, r_eval, lam, config.top_k_components, n_train, n_eval, eig_eval
+    )
     info = {**info, 'damping': config.damping}
     return {'r_inv_sqrt': hessian.inverse_sqrt(r, config.damping).astype(np.float32)}, info, curves
 

@@ -16,7 +16,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trackstar_jax import sharding as shd
 from trackstar_jax.data.batching import DataLayout
-from trackstar_jax.index import Index
+from trackstar_jax.index import DTYPES, Index
+
+# On the CPU backend a staged chunk is copied into a fresh XLA host allocation. glibc
+# serves allocations above its mmap threshold (at most 32 MiB) with new pages each time,
+# and the page faults made staging 64 MiB chunks run at ~1.8 GB/s against ~20 GB/s for
+# 16 MiB ones, which malloc recycles (measured on the 2-core dev machine). So on CPU a
+# chunk's per-device shard is kept at or under this many bytes.
+CPU_STAGE_BYTES = 16 * 2**20
 
 
 def default_mesh() -> Mesh:
@@ -29,6 +36,19 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def chunk_rows_for(idx: Index, mesh: Mesh, chunk_rows: int) -> int:
+    """The rows per streamed chunk: ``chunk_rows`` at most, never more than the index
+    (a 256-row index streamed in 4,096-row chunks would stage and transform 16x its own
+    size in zero rows), per-device shards under :data:`CPU_STAGE_BYTES` on CPU, and a
+    multiple of the data axis."""
+    n_data = mesh.shape[shd.DATA]
+    c = max(min(chunk_rows, len(idx)), 1)
+    if mesh.devices.flat[0].platform == 'cpu':
+        row_bytes = idx.dim * np.dtype(DTYPES[idx.manifest['dtype']]).itemsize
+        c = min(c, n_data * max(1, CPU_STAGE_BYTES // row_bytes))
+    return round_up(c, n_data)
+
+
 def stream_rows(
     idx: Index,
     mesh: Mesh,
@@ -37,18 +57,16 @@ def stream_rows(
 ) -> Iterator[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
     """Yields (vectors [C, D], valid [C] bool, row [C] int32, rank [C] int32) along ``data``.
 
-    C = chunk_rows (at most the index's rows) rounded up to the data axis; rows past the
-    end are zero, invalid,
-    row -1 and rank last. ``rank`` is a per-row int array carried along (default: the
-    row itself). Vectors keep the stored dtype (bfloat16 crosses to the device at half
-    the bytes; consumers upcast there) and are read straight into the array handed to
-    the device: no host-side copy or reordering. The next chunk is read from
-    TensorStore while the caller computes on this one.
+    C = :func:`chunk_rows_for` (``chunk_rows`` at most, bounded by the index's rows and,
+    on CPU, the staging size); rows past the end are zero, invalid, row -1 and rank
+    last. ``rank`` is a per-row int array carried along (default: the row itself).
+    Vectors keep the stored dtype (bfloat16 crosses to the device at half the bytes;
+    consumers upcast there) and are read straight into the array handed to the device:
+    no host-side copy or reordering. The next chunk is read from TensorStore while the
+    caller computes on this one.
     """
     n = len(idx)
-    # Never a chunk larger than the index: a 256-row index streamed in 4,096-row chunks
-    # would stage (and transform) 16x its own size in zero rows.
-    c = round_up(max(min(chunk_rows, n), 1), mesh.shape[shd.DATA])
+    c = chunk_rows_for(idx, mesh, chunk_rows)
     layout = DataLayout.for_mesh(mesh, c)
     rows_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA))
     mat_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA, None))
