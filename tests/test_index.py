@@ -176,3 +176,40 @@ def test_raw_chunk_reads_equal_tensorstore_reads(tmp_path, dtype):
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     expected = vectors.astype(index.DTYPES[dtype]).astype(np.float32)
     np.testing.assert_array_equal(direct.read(slice(0, 21)), expected)
+
+
+def test_side_columns_round_trip_and_are_verified(tmp_path):
+    """Per-row side columns come back as written, a changed byte is refused, and a chunk
+    without them (or of the wrong shape) is not written."""
+    rng = np.random.default_rng(1)
+    n, cols = 19, {'alpha': (3, 'float32'), 'token': (3, 'int32')}
+    vectors = rng.standard_normal((n, 4)).astype(np.float32)
+    alpha = rng.standard_normal((n, 3)).astype(np.float32)
+    token = rng.integers(-1, 1000, (n, 3)).astype(np.int32)
+    url = str(tmp_path / 'idx')
+    writer = index.create(url, {'x': 1}, [f'r{i}' for i in range(n)], dim=4, chunk_rows=8,
+                          extras=cols)  # fmt: skip
+    with pytest.raises(ValueError, match='side columns'):
+        writer.write_chunk(0, vectors[:8], np.ones(8), extras={'alpha': alpha[:8]})
+    with pytest.raises(ValueError, match='expected shape'):
+        writer.write_chunk(0, vectors[:8], np.ones(8), extras={'alpha': alpha[:8, :2],
+                                                               'token': token[:8]})  # fmt: skip
+    for c in range(writer.num_chunks):
+        a, b = writer.rows(c)
+        writer.write_chunk(c, vectors[a:b], np.ones(b - a),
+                           extras={'alpha': alpha[a:b], 'token': token[a:b]})  # fmt: skip
+    idx = index.open(url)
+    assert index.extras_of(idx.manifest) == cols
+    np.testing.assert_array_equal(idx.extra('alpha'), alpha)
+    got = idx.extra('token', slice(5, 17))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, token[5:17])
+    with pytest.raises(KeyError, match='no side column'):
+        idx.extra('beta')
+    # Change one value of chunk 1 behind the index's back: reading it is refused.
+    arr = idx._store.open_array('extras/token')
+    arr[9, 0].write(np.int32(token[9, 0] + 1)).result()
+    fresh = index.open(url)
+    np.testing.assert_array_equal(fresh.extra('token', slice(0, 8)), token[:8])
+    with pytest.raises(index.IntegrityError, match='chunk 1'):
+        fresh.extra('token', slice(8, 12))

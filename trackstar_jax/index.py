@@ -12,6 +12,9 @@ index URL (a local path, ``file://``, ``gs://bucket/...`` or ``memory://name``):
     num_targets/         zarr3 [N] float32: target tokens per example
     norms/               zarr3 [N] float32: ||v|| of each stored row (taken in float32,
                          before any bfloat16 cast)
+    extras/NAME/         optional side columns, zarr3 [N, width] float32 or int32, as the
+                         manifest's ``extras`` lists (e.g. a token index's target ids and
+                         coefficients), checksummed like the vectors
     progress/chunk_K     chunk K's commit marker, written after its rows: the hash of the
                          manifest it was written under, checksums of its stored vectors,
                          norms and counts, and a digest of the examples it came from
@@ -269,6 +272,16 @@ def _comparable(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _PARTS = ('vectors', 'norms', 'num_targets')
+EXTRA_DTYPES = ('float32', 'int32')
+
+
+def _extra_key(name: str) -> str:
+    return f'extras/{name}'
+
+
+def extras_of(manifest: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
+    """The side columns an index was created with: {name: (width, dtype)}."""
+    return {name: (int(w), str(dt)) for name, (w, dt) in manifest.get('extras', {}).items()}
 
 
 class IntegrityError(RuntimeError):
@@ -325,6 +338,7 @@ class Index:
         self._vectors = store.open_array('vectors')
         self._norms = store.open_array('norms')
         self._num_targets = store.open_array('num_targets')
+        self._extras = {name: store.open_array(_extra_key(name)) for name in extras_of(manifest)}
         self._verified: set[tuple[int, str]] = set()
         self._chunk_files = _raw_chunk_dir(store, self._vectors)
 
@@ -354,7 +368,12 @@ class Index:
 
     def _verify(self, first: int, last: int, parts: Sequence[str] = _PARTS) -> None:
         """Checks ``parts`` of chunks first..last (inclusive) against their commit checksums."""
-        arrays = {'vectors': self._vectors, 'norms': self._norms, 'num_targets': self._num_targets}
+        arrays = {
+            'vectors': self._vectors,
+            'norms': self._norms,
+            'num_targets': self._num_targets,
+            **{_extra_key(name): a for name, a in self._extras.items()},
+        }
         for chunk in range(first, last + 1):
             start = chunk * self._chunk_rows
             stop = min(start + self._chunk_rows, len(self.ids))
@@ -445,6 +464,23 @@ class Index:
         self._verify(0, len(self._markers) - 1, ('num_targets',))
         return np.asarray(self._num_targets.read().result())
 
+    def extra(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Side column ``name`` ([n, width], its own dtype) of ``rows`` (default all), verified.
+
+        Raises:
+          KeyError: if the index has no such column (its manifest lists the ones it has).
+        """
+        if name not in self._extras:
+            raise KeyError(
+                f'Index {self.path} has no side column {name!r}; it has '
+                f'{sorted(self._extras) or "none"}.'
+            )
+        start, stop, _ = (rows or slice(None)).indices(len(self.ids))
+        if stop > start:
+            cr = self._chunk_rows
+            self._verify(start // cr, (stop - 1) // cr, (_extra_key(name),))
+        return np.asarray(self._extras[name][start:stop].read().result())
+
     def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yields (start, vectors[n, D]) over the index, one chunk in memory at a time."""
         step = chunk_rows or self._chunk_rows
@@ -478,6 +514,7 @@ class IndexWriter:
         self._vectors = store.open_array('vectors')
         self._norms = store.open_array('norms')
         self._num_targets = store.open_array('num_targets')
+        self._extras = {name: store.open_array(_extra_key(name)) for name in extras_of(manifest)}
 
     def rows(self, chunk: int) -> tuple[int, int]:
         """[start, stop) of ``chunk``."""
@@ -509,6 +546,7 @@ class IndexWriter:
         num_targets: np.ndarray,
         fault_hook: Callable[[str, int], None] | None = None,
         input_digest: str | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Writes a chunk's rows (vectors [n, D] float32, num_targets [n]) and commits it.
 
@@ -516,6 +554,8 @@ class IndexWriter:
           chunk: the chunk number.
           vectors: exactly the chunk's rows.
           num_targets: target tokens per row.
+          extras: the chunk's rows of every side column the index was created with
+            ({name: [n, width]}), cast to the column's dtype.
           fault_hook: test hook called as hook(event, chunk) at 'vectors_written',
             'meta_written' and 'committed'.
           input_digest: a digest of the examples the rows came from (kept in the marker).
@@ -544,18 +584,43 @@ class IndexWriter:
             fault_hook('vectors_written', chunk)
         self._norms[start:stop].write(norms).result()
         self._num_targets[start:stop].write(targets).result()
+        side = self._side_columns(chunk, extras or {})
+        for name, values in side.items():
+            self._extras[name][start:stop].write(values).result()
         if fault_hook:
             fault_hook('meta_written', chunk)
         self._check_still_mine()
+        crc = {'vectors': _crc(stored), 'norms': _crc(norms), 'num_targets': _crc(targets)}
+        crc.update({_extra_key(name): _crc(values) for name, values in side.items()})
         marker = {
             'rows': [start, stop],
             'manifest': self._manifest_digest,
-            'crc32': {'vectors': _crc(stored), 'norms': _crc(norms), 'num_targets': _crc(targets)},
+            'crc32': crc,
             'input': input_digest,
         }
         self._store.write_json(_marker(chunk), marker)
         if fault_hook:
             fault_hook('committed', chunk)
+
+    def _side_columns(self, chunk: int, extras: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``extras`` checked against the index's side columns, cast to their dtypes."""
+        start, stop = self.rows(chunk)
+        declared = extras_of(self.manifest)
+        if set(extras) != set(declared):
+            raise ValueError(
+                f'{self.path} has side columns {sorted(declared)}; chunk {chunk} gave '
+                f'{sorted(extras)}.'
+            )
+        out = {}
+        for name, (width, dtype) in declared.items():
+            values = np.asarray(extras[name]).astype(dtype)
+            if values.shape != (stop - start, width):
+                raise ValueError(
+                    f'Side column {name!r} of chunk {chunk} of {self.path}: expected shape '
+                    f'{(stop - start, width)}, got {values.shape}.'
+                )
+            out[name] = values
+        return out
 
     def _check_still_mine(self) -> None:
         # Another writer that created this URL with other settings at the same time
@@ -582,6 +647,7 @@ def create(
     dim: int,
     dtype: str = 'float32',
     chunk_rows: int = 256,
+    extras: Mapping[str, tuple[int, str]] | None = None,
 ) -> IndexWriter:
     """Creates an index at ``url``, or re-opens one with the same manifest to resume.
 
@@ -593,6 +659,10 @@ def create(
       dim: D.
       dtype: storage dtype, 'float32' or 'bfloat16'.
       chunk_rows: rows per chunk (storage chunk and commit unit).
+      extras: side columns stored per row beside the vectors, {name: (width, dtype)}
+        with dtype one of :data:`EXTRA_DTYPES` (e.g. a token index's target ids and
+        coefficients); written by every ``write_chunk``, checksummed like the vectors,
+        read with :meth:`Index.extra`.
 
     Returns:
       A writer for the chunks.
@@ -614,6 +684,14 @@ def create(
         raise ValueError(f'Example ids must be unique (as strings); repeated: {dup[:10]}.')
     if chunk_rows < 1 or dim < 1:
         raise ValueError(f'chunk_rows ({chunk_rows}) and dim ({dim}) must be >= 1.')
+    side = {}
+    for name, (width, col_dtype) in (extras or {}).items():
+        if not str(name).isidentifier() or col_dtype not in EXTRA_DTYPES or int(width) < 1:
+            raise ValueError(
+                f'Side column {name!r}: need an identifier name, width >= 1 and a dtype in '
+                f'{EXTRA_DTYPES}; got width {width!r}, dtype {col_dtype!r}.'
+            )
+        side[str(name)] = [int(width), col_dtype]
     full = {
         'format_version': FORMAT_VERSION,
         **dict(manifest),
@@ -625,6 +703,8 @@ def create(
         'chunk_rows': int(chunk_rows),
         'num_examples': len(ids),
     }
+    if side:
+        full['extras'] = side
     store = Store(url)
     if store.exists('manifest.json'):
         old = store.read_json('manifest.json')
@@ -648,13 +728,15 @@ def create(
             ', '.join(changed),
         )
         store.delete('manifest.json')
-        for prefix in ('vectors/', 'norms/', 'num_targets/', 'progress/'):
+        for prefix in ('vectors/', 'norms/', 'num_targets/', 'extras/', 'progress/'):
             store.delete_prefix(prefix)
     n = len(ids)
     store.write_json('ids.json', ids)
     store.create_array('vectors', (n, dim), (chunk_rows, dim), dtype)
     store.create_array('norms', (n,), (chunk_rows,), 'float32')
     store.create_array('num_targets', (n,), (chunk_rows,), 'float32')
+    for name, (width, col_dtype) in side.items():
+        store.create_array(_extra_key(name), (n, width), (chunk_rows, width), col_dtype)
     full['created'] = time.time()
     store.write_json('manifest.json', full, indent=1)  # last: the index now exists
     return IndexWriter(store, full)
