@@ -844,8 +844,9 @@ def report(res: dict[str, Any]) -> str:
         )
     if any(not f['fit_mode'].startswith('full') for f in res['fit']):
         lines.append(
-            '   (*) fit = measured passes + blocks x (2 eigvalsh + eigh), each timed on one '
-            'block of the real R (--full-fit runs the whole call)'
+            '   (*) fit = measured passes + blocks x (eigvalsh + eigh), each timed on one '
+            "block of the real R, + R_eval's spectrum (from the queries' Gram matrices when "
+            'they are fewer than d_b) (--full-fit runs the whole call)'
         )
     m = res['memory']
     lines += [

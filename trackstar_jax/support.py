@@ -1,0 +1,523 @@
+"""Support samples of next-word prediction: the representer decomposition of the LM head.
+
+At a stationary point of −(1/N) Σ_i log p(y_i | x_i) + λ‖θ‖², every row of the head is
+
+    θ_v = 1/(2Nλ) Σ_i α_{i,v} φ(x_i),     α_{i,v} = 1(y_i = v) − p(v | x_i)
+
+with φ the vector the head multiplies (``logits = φ Wᵀ``). A training token i promotes
+predicting v after a context x′ by α_{i,v} ⟨φ(x_i), φ(x′)⟩ / (2Nλ); its support sets are
+S_v = {i : |α_{i,v}| ≥ τ}, Type-1 (y_i = v, low confidence: promote v) and Type-2
+(y_i ≠ v, confident in v: deter it). ("On Support Samples of Next Word Prediction",
+Li, Du et al., §2.)
+
+A *token index* stores one row per position of every example (row id
+``<example>#<position>``; a chunk is a fixed set of whole examples, so resume and
+checksums work as for any index): φ as the row's vector and two side columns,
+
+    target [1 + m] int32    y_i, then the m most probable other tokens (−1: none)
+    alpha  [1 + m] float32  1 − p(y_i | x_i), then −p(v | x_i) for those tokens
+
+Positions that are not targets (the first token, padding, a query's prompt) are rows of
+zeros with target −1. α is dense over the vocabulary but tiny almost everywhere: the
+index keeps every v with p(v | x_i) ≥ ``alpha_floor`` in m = min(⌊1 / floor⌋, V − 1)
+slots, enough for all of them (at most 1 / floor tokens can each have p ≥ floor). What is
+dropped is α_{i,v} ∈ (−floor, 0) for y_i ≠ v, so support sets at any τ ≥ floor are exact,
+and a dropped token's contribution to a score is below floor · ‖φ_i‖ · ‖φ′‖ in magnitude
+(:attr:`Contributions.dropped_bound` states it for each query).
+
+``by_token/`` beside the rows is the index keyed by v: every stored (row, α) with that
+target, in CSR form (``offsets`` [V + 1], ``rows``, ``alpha``), checksummed files.
+
+For tied-embedding models the head is the token embedding: DecoderLM's logits are
+E x / √d, so φ = x / √d and θ_v = E_v; LlamaLM ties E x (φ = x) or has its own ``lm_head``
+(θ_v its column). :func:`head_of` gives (W, φ-scale) and the tests check φ Wᵀ = logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from trackstar_jax import index as index_lib
+from trackstar_jax import pipeline, streaming
+from trackstar_jax import sharding as shd
+from trackstar_jax.data import examples as examples_lib
+from trackstar_jax.index import Index
+
+KIND = 'support_tokens'
+
+
+@dataclasses.dataclass(frozen=True)
+class SupportConfig:
+    """How a token index is built.
+
+    Attributes:
+      seq_len: positions per example (rows per example).
+      examples_per_chunk: examples per storage chunk (chunk rows = this × seq_len).
+      batch_size: examples per forward pass (a multiple of the mesh's data axis).
+      alpha_floor: keep α_{i,v} of every v with p(v | x_i) ≥ this; at most 1 / floor
+        such v, so min(⌊1 / floor⌋, V − 1) slots per row hold them all.
+      projection_dim: store φ projected to this many dimensions by a fixed Gaussian
+        matrix (entries N(0, 1/k), seeded): inner products are preserved in
+        expectation. None stores φ itself (exact).
+      projection_seed: the projection's seed.
+      dtype: storage dtype of φ ('float32' or 'bfloat16').
+    """
+
+    seq_len: int = 128
+    examples_per_chunk: int = 16
+    batch_size: int = 16
+    alpha_floor: float = 0.05
+    projection_dim: int | None = None
+    projection_seed: int = 0
+    dtype: str = 'float32'
+
+    def slots(self, vocab_size: int) -> int:
+        """Alternatives kept per row: ⌊1 / alpha_floor⌋, at most V − 1."""
+        return max(1, min(int(math.floor(1.0 / self.alpha_floor + 1e-9)), vocab_size - 1))
+
+    def __post_init__(self):
+        if not 0.0 < self.alpha_floor <= 0.5:
+            # Above 0.5 a support set at the paper's τ = 0.5 would not be exact.
+            raise ValueError(f'alpha_floor must be in (0, 0.5], got {self.alpha_floor}.')
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(f'projection_dim must be >= 1 or None, got {self.projection_dim}.')
+
+
+# ----------------------------------------------------------------------------- the head
+
+
+def head_of(model: nn.Module, params: Any) -> tuple[np.ndarray, float]:
+    """(W [V, d] float32, s): logits = (s · x) Wᵀ for x the head's input; φ = s · x.
+
+    Raises:
+      TypeError: for a model whose head this module does not know.
+    """
+    params = nn.unbox(params)
+    name = type(model).__name__
+    if name == 'DecoderLM':  # tied, logits = E x / sqrt(d)
+        w = params['embedding']['embedding']
+        return np.asarray(w, np.float32), 1.0 / math.sqrt(model.config.d_model)
+    if name == 'LlamaLM':
+        if model.config.tie_embeddings:
+            return np.asarray(params['embedding']['embedding'], np.float32), 1.0
+        return np.asarray(params['lm_head']['kernel'], np.float32).T, 1.0
+    raise TypeError(
+        f'No known LM head for {name}: support samples need logits = φ Wᵀ (DecoderLM, LlamaLM).'
+    )
+
+
+def head_inputs(model: nn.Module, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x [B, T, d] float32, the head's input at every position; logits [B, T, V])."""
+    captured: list[jax.Array] = []
+
+    def grab(next_fun, args, kwargs, context):
+        is_head = context.method_name == 'attend' or (
+            isinstance(context.module, nn.Dense) and context.module.name == 'lm_head'
+        )
+        if is_head and context.method_name in ('attend', '__call__'):
+            captured.append(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(grab):
+        logits = model.apply({'params': params}, tokens)
+    if len(captured) != 1:
+        raise TypeError(f'Expected one LM head call, saw {len(captured)}.')
+    return captured[0].astype(jnp.float32), logits.astype(jnp.float32)
+
+
+def projection_matrix(dim: int, config: SupportConfig) -> np.ndarray | None:
+    """The fixed [d, k] Gaussian projection (entries N(0, 1/k)), or None."""
+    if config.projection_dim is None:
+        return None
+    rng = np.random.default_rng(config.projection_seed)
+    k = config.projection_dim
+    return (rng.standard_normal((dim, k)) / math.sqrt(k)).astype(np.float32)
+
+
+def token_rows(
+    phi: jax.Array, logits: jax.Array, tokens: jax.Array, mask: jax.Array, slots: int, floor: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row contents of every position: (φ [B, T, k], target [B, T, 1+m], alpha [B, T, 1+m]).
+
+    Position t is a target when mask[t] = 1; its context is tokens[:t], so its φ and p
+    come from position t − 1 of the model's outputs. Other positions are zero / −1.
+    """
+    b, t = tokens.shape
+    is_target = mask > 0
+    shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)  # noqa: E731
+    phi_t = shift(phi)
+    probs = jax.nn.softmax(shift(logits), axis=-1)  # [B, T, V] float32
+    y = tokens.astype(jnp.int32)
+    p_y = jnp.take_along_axis(probs, y[..., None], axis=-1)[..., 0]
+    others = jnp.where(jax.nn.one_hot(y, probs.shape[-1], dtype=bool), -1.0, probs)
+    p_alt, v_alt = jax.lax.top_k(others, slots)
+    kept = p_alt >= floor
+    target = jnp.concatenate([y[..., None], jnp.where(kept, v_alt, -1)], axis=-1)
+    alpha = jnp.concatenate([(1.0 - p_y)[..., None], jnp.where(kept, -p_alt, 0.0)], axis=-1)
+    target = jnp.where(is_target[..., None], target, -1)
+    alpha = jnp.where(is_target[..., None], alpha, 0.0)
+    phi_t = jnp.where(is_target[..., None], phi_t, 0.0)
+    del b, t
+    return phi_t, target.astype(jnp.int32), alpha
+
+
+@functools.cache
+def _row_program(model: nn.Module, mesh: Mesh, scale: float, slots: int, floor: float):
+    rows = NamedSharding(mesh, PartitionSpec(shd.DATA))
+    rep = shd.replicated(mesh)
+
+    def run(params, proj, tokens, mask):
+        x, logits = head_inputs(model, params, tokens)
+        phi = x * scale
+        if proj is not None:
+            phi = jnp.einsum('btd,dk->btk', phi, proj, precision=jax.lax.Precision.HIGHEST)
+        return token_rows(phi, logits, tokens, mask, slots, floor)
+
+    return jax.jit(run, in_shardings=(rep, rep, rows, rows), out_shardings=(rows, rows, rows))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def manifest_for(
+    model: nn.Module, params: Any, config: SupportConfig, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a token index's rows are (the storage adds its own keys)."""
+    w, scale = head_of(model, params)
+    return {
+        'kind': KIND,
+        'model': type(model).__name__,
+        'model_config': getattr(model.config, 'to_dict', lambda: {})(),
+        'seq_len': config.seq_len,
+        'vocab_size': int(w.shape[0]),
+        'phi_dim': int(w.shape[1]),
+        'phi_scale': scale,
+        'alpha_floor': config.alpha_floor,
+        'slots': config.slots(int(w.shape[0])),
+        'projection_dim': config.projection_dim,
+        'projection_seed': config.projection_seed if config.projection_dim else None,
+        **dict(extra or {}),
+    }
+
+
+def row_ids(example_ids: Sequence[str], seq_len: int) -> list[str]:
+    """``<example>#<position>`` for every position of every example, in row order."""
+    return [f'{e}#{t}' for e in example_ids for t in range(seq_len)]
+
+
+def split_row_id(row_id: str) -> tuple[str, int]:
+    """(example id, position) of a token row id."""
+    example, _, pos = row_id.rpartition('#')
+    return example, int(pos)
+
+
+def featurize_tokens(
+    model: nn.Module,
+    params: Any,
+    examples: Sequence[Mapping[str, Any]] | examples_lib.ExampleSource,
+    url: str,
+    config: SupportConfig = SupportConfig(),
+    *,
+    mesh: Mesh | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
+    fault_hook: Any = None,
+) -> Index:
+    """Writes the token index of ``examples`` at ``url`` (resumes an unfinished one), then
+    its by-token CSR. Single process; the forward passes are sharded along ``data``.
+
+    Returns:
+      The finished token index.
+    """
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            'featurize_tokens runs in one process (sharded over its devices).'
+        )
+    mesh = mesh or streaming.default_mesh()
+    n_data = mesh.shape[shd.DATA]
+    if config.batch_size % n_data:
+        raise ValueError(
+            f'batch_size {config.batch_size} is not a multiple of the data axis {n_data}.'
+        )
+    params = nn.unbox(params)
+    source = examples_lib.as_source(examples)
+    w, scale = head_of(model, params)
+    proj = projection_matrix(w.shape[1], config)
+    dim = config.projection_dim or w.shape[1]
+    slots = config.slots(w.shape[0])
+    width = 1 + slots
+    t = config.seq_len
+    ids = row_ids(source.ids, t)
+    writer = index_lib.create(
+        url,
+        manifest_for(model, params, config, manifest_extra),
+        ids,
+        dim=dim,
+        dtype=config.dtype,
+        chunk_rows=config.examples_per_chunk * t,
+        extras={'target': (width, 'int32'), 'alpha': (width, 'float32')},
+    )
+    program = _row_program(model, mesh, scale, slots, config.alpha_floor)
+    rep = shd.replicated(mesh)
+    params_d = jax.device_put(params, rep)
+    proj_d = None if proj is None else jax.device_put(proj, rep)
+    epc = config.examples_per_chunk
+    markers = writer.markers()
+    for chunk, marker in markers.items():  # resume trusts content, not markers
+        mine = source.rows(chunk * epc, (chunk + 1) * epc)
+        if marker.get('input') != pipeline.input_digest(mine):
+            raise ValueError(
+                f'Token index {url}: the examples of chunk {chunk} changed since it was '
+                'written (corpus, tokenizer or seq_len): use a new path or delete the index.'
+            )
+    todo = [c for c in range(writer.num_chunks) if c not in markers]
+    logging.info('Token index %s: %d examples x %d positions, %d chunks to write.',
+                 url, len(source), t, len(todo))  # fmt: skip
+    t0 = time.time()
+    for i, chunk in enumerate(todo):
+        mine = source.rows(chunk * epc, (chunk + 1) * epc)
+        rows = -(-len(mine) // config.batch_size) * config.batch_size
+        batch = examples_lib.pad_batch(mine, rows, t)
+        outs = [
+            program(
+                params_d,
+                proj_d,
+                batch['tokens'][b : b + config.batch_size],
+                batch['loss_mask'][b : b + config.batch_size],
+            )  # fmt: skip
+            for b in range(0, rows, config.batch_size)
+        ]
+        phi, target, alpha = (
+            np.concatenate([np.asarray(o[j]) for o in outs])[: len(mine)].reshape(len(mine) * t, -1)
+            for j in range(3)
+        )
+        writer.write_chunk(
+            chunk,
+            phi,
+            batch['loss_mask'][: len(mine)].reshape(-1),
+            fault_hook=fault_hook,
+            input_digest=pipeline.input_digest(mine),
+            extras={'target': target, 'alpha': alpha},
+        )
+        logging.info('Token index %s: chunk %d/%d, %.1f examples/s', url, i + 1, len(todo),
+                     (i + 1) * epc / max(time.time() - t0, 1e-9))  # fmt: skip
+    idx = writer.finish()
+    build_by_token(idx)
+    return idx
+
+
+# ----------------------------------------------------------------------------- by token
+
+_CSR = ('offsets', 'rows', 'alpha')
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def build_by_token(idx: Index) -> dict[str, np.ndarray]:
+    """Writes (and returns) the CSR over v of every stored (row, α_{row,v}) of ``idx``.
+
+    Entries of one v are ordered by α descending, then row: Type-1 (α > 0) first, the
+    most negative Type-2 last.
+    """
+    vocab = int(idx.manifest['vocab_size'])
+    toks, rows, alphas = [], [], []
+    step = int(idx.manifest['chunk_rows'])
+    for start in range(0, len(idx), step):
+        sl = slice(start, min(start + step, len(idx)))
+        tg, al = idx.extra('target', sl), idx.extra('alpha', sl)
+        keep = tg >= 0
+        r = np.broadcast_to(np.arange(sl.start, sl.stop, dtype=np.int32)[:, None], tg.shape)
+        toks.append(tg[keep])
+        rows.append(r[keep])
+        alphas.append(al[keep])
+    tok, row, alpha = (np.concatenate(a) for a in (toks, rows, alphas))
+    order = np.lexsort((row, -alpha, tok))
+    tok, row, alpha = tok[order], row[order].astype(np.int32), alpha[order].astype(np.float32)
+    offsets = np.zeros(vocab + 1, np.int64)
+    np.add.at(offsets, tok + 1, 1)
+    csr = {'offsets': np.cumsum(offsets), 'rows': row, 'alpha': alpha}
+    for name in _CSR:
+        index_lib.write_checked(index_lib.join(idx.path, f'by_token/{name}.npy'), _npy(csr[name]))
+    return csr
+
+
+def load_by_token(idx: Index) -> dict[str, np.ndarray]:
+    """The by-token CSR of ``idx`` (checksums verified), built first if it is missing."""
+    store = index_lib.Store(idx.path)
+    if not all(store.exists(f'by_token/{n}.npy') for n in _CSR):
+        return build_by_token(idx)
+    return {
+        n: np.load(
+            io.BytesIO(index_lib.read_checked(index_lib.join(idx.path, f'by_token/{n}.npy')))
+        )
+        for n in _CSR
+    }
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclasses.dataclass
+class SupportSet:
+    """S_v = {i : |α_{i,v}| ≥ τ} of one token v, split by type, each by |α| descending.
+
+    Attributes:
+      token: v.
+      tau: τ.
+      type1_ids, type1_alpha: y_i = v (α = 1 − p(v | x_i) ≥ τ): they promote v.
+      type2_ids, type2_alpha: y_i ≠ v (α = −p(v | x_i) ≤ −τ): they deter it.
+      type1_rows, type2_rows: their row numbers in the token index.
+    """
+
+    token: int
+    tau: float
+    type1_ids: list[str]
+    type1_alpha: np.ndarray
+    type1_rows: np.ndarray
+    type2_ids: list[str]
+    type2_alpha: np.ndarray
+    type2_rows: np.ndarray
+
+
+@dataclasses.dataclass
+class Contributions:
+    """The training tokens that most promote and most deter predicting v after a context.
+
+    score_i = α_{i,v} ⟨φ(x_i), φ(x′)⟩ (the 1/(2Nλ) of the theorem is one positive constant
+    and does not change the order). ``promote_*`` are the k largest scores, ``deter_*``
+    the k smallest (most negative), each over every stored (i, α_{i,v}) of v (exact),
+    ties by row. ``dropped_bound`` bounds |score| of any token the index did not keep
+    for v: alpha_floor · max_i ‖φ_i‖ · ‖φ(x′)‖.
+    """
+
+    token: int
+    promote_ids: list[str]
+    promote_scores: np.ndarray
+    promote_alpha: np.ndarray
+    promote_rows: np.ndarray
+    deter_ids: list[str]
+    deter_scores: np.ndarray
+    deter_alpha: np.ndarray
+    deter_rows: np.ndarray
+    total: float
+    dropped_bound: float
+
+
+class TokenIndex:
+    """A token index with its by-token CSR: support sets and contributions, one call each."""
+
+    def __init__(self, idx: Index | str):
+        self.index = index_lib.open(idx) if isinstance(idx, str) else idx
+        if self.index.manifest.get('kind') != KIND:
+            raise ValueError(f'{self.index.path} is not a token index (kind {KIND!r}).')
+        self.by_token = load_by_token(self.index)
+        self.vocab_size = int(self.index.manifest['vocab_size'])
+        self._max_norm = float(self.index.norms().max()) if len(self.index) else 0.0
+
+    def _entries(self, token: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f'token {token} is outside the vocabulary [0, {self.vocab_size}).')
+        a, b = self.by_token['offsets'][token : token + 2]
+        return self.by_token['rows'][a:b], self.by_token['alpha'][a:b]
+
+    def head_from_support(self, lam: float) -> np.ndarray:
+        """θ̂_v = 1/(2Nλ) Σ_i α_{i,v} φ(x_i) for every v ([V, d] float64; N = target rows).
+
+        Equal to the head at a stationary point of the L2-regularised loss (paper's
+        Theorem 1) up to the α's below the floor; for any other head its distance from
+        this says how far the representer view is from describing it.
+        """
+        n = len(self.targets())
+        out = np.zeros((self.vocab_size, self.index.dim))
+        counts = np.diff(self.by_token['offsets'])
+        tokens = np.repeat(np.arange(self.vocab_size), counts)
+        rows, alpha = self.by_token['rows'], self.by_token['alpha'].astype(np.float64)
+        step = 1 << 16
+        for a in range(0, len(rows), step):
+            r = rows[a : a + step]
+            order = np.argsort(r, kind='stable')
+            phis = np.empty((len(r), self.index.dim))
+            phis[order] = self.index.read(r[order])
+            np.add.at(out, tokens[a : a + step], alpha[a : a + step, None] * phis)
+        return out / (2.0 * n * lam)
+
+    def targets(self) -> np.ndarray:
+        """Rows that are target tokens (int [n_targets])."""
+        return np.flatnonzero(self.index.num_targets() > 0)
+
+    def support(self, token: int, tau: float = 0.5) -> SupportSet:
+        """S_v at threshold τ (≥ the index's alpha_floor, so the set is exact)."""
+        floor = float(self.index.manifest['alpha_floor'])
+        if tau < floor:
+            raise ValueError(f'tau {tau} < alpha_floor {floor}: the index does not hold that set.')
+        rows, alpha = self._entries(token)
+        ids = self.index.ids
+        t1 = alpha >= tau
+        t2 = alpha <= -tau
+        r2, a2 = rows[t2][::-1], alpha[t2][::-1]  # most negative first
+        return SupportSet(token, tau, [ids[r] for r in rows[t1]], alpha[t1], rows[t1],
+                          [ids[r] for r in r2], a2, r2)  # fmt: skip
+
+    def contributions(self, token: int, phi_query: np.ndarray, k: int = 10) -> Contributions:
+        """Top-k promoting and deterring training tokens for predicting ``token`` after a
+        context whose head input is ``phi_query`` ([d], as :func:`prompt_features` gives)."""
+        rows, alpha = self._entries(token)
+        phi_query = np.asarray(phi_query, np.float32)
+        if phi_query.shape != (self.index.dim,):
+            raise ValueError(f'phi_query must be [{self.index.dim}], got {phi_query.shape}.')
+        bound = float(self.index.manifest['alpha_floor']) * self._max_norm
+        bound *= float(np.linalg.norm(phi_query))
+        if not len(rows):
+            empty = np.zeros(0, np.float32)
+            none = np.zeros(0, np.int64)
+            return Contributions(token, [], empty, empty, none, [], empty, empty, none, 0.0, bound)
+        order = np.argsort(rows, kind='stable')
+        rows, alpha = rows[order], alpha[order]
+        phis = self.index.read(rows)
+        dots = phis.astype(np.float64) @ phi_query.astype(np.float64)
+        scores = alpha.astype(np.float64) * dots
+        ids = self.index.ids
+        kk = min(k, len(rows))
+        # Stable sorts over rows in ascending order: ties go to the lower row.
+        top = np.argsort(-scores, kind='stable')[:kk]
+        low = np.argsort(scores, kind='stable')[:kk]
+        return Contributions(
+            token,
+            [ids[r] for r in rows[top]], scores[top], alpha[top], rows[top],
+            [ids[r] for r in rows[low]], scores[low], alpha[low], rows[low],
+            float(scores.sum()), bound,
+        )  # fmt: skip
+
+
+def prompt_features(
+    model: nn.Module,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    projection: np.ndarray | None = None,
+) -> np.ndarray:
+    """φ(x′) of each prompt (token ids, predicting the token after the last): [n, d]."""
+    params = nn.unbox(params)
+    _, scale = head_of(model, params)
+    out = []
+    for p in prompts:
+        tokens = jnp.asarray(np.asarray(p, np.int32)[None])
+        x, _ = head_inputs(model, params, tokens)
+        phi = np.asarray(x[0, -1]) * scale
+        out.append(phi if projection is None else phi @ projection)
+    return np.stack(out).astype(np.float32)
