@@ -15,10 +15,10 @@ import gin
 import jax
 
 from trackstar_jax import compile as compile_lib
-from trackstar_jax import grads, pipeline, train, train_index
+from trackstar_jax import grads, pipeline, support, train, train_index
 from trackstar_jax.data import mixture as mixture_lib
 from trackstar_jax.eval import fact_tracing
-from trackstar_jax.jobs import aot, attribution, train_lm  # noqa: F401 (registers the jobs)
+from trackstar_jax.jobs import aot, attribution, support_samples, train_lm  # noqa: F401 (jobs)
 from trackstar_jax.models import decoder, llama
 
 GIN_CONFIG_DIR = os.path.join(
@@ -37,6 +37,7 @@ Method = gin.external_configurable(pipeline.Method, module='trackstar_jax')
 EvalConfig = gin.external_configurable(fact_tracing.EvalConfig, module='trackstar_jax')
 FactMixture = gin.external_configurable(mixture_lib.FactMixture, module='trackstar_jax')
 TrainIndexConfig = gin.external_configurable(train_index.TrainIndexConfig, module='trackstar_jax')
+SupportConfig = gin.external_configurable(support.SupportConfig, module='trackstar_jax')
 
 
 def parse(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:

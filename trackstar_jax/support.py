@@ -10,15 +10,14 @@ S_v = {i : |α_{i,v}| ≥ τ}, Type-1 (y_i = v, low confidence: promote v) and T
 (y_i ≠ v, confident in v: deter it). ("On Support Samples of Next Word Prediction",
 Li, Du et al., §2.)
 
-A *token index* stores one row per position of every example (row id
-``<example>#<position>``; a chunk is a fixed set of whole examples, so resume and
-checksums work as for any index): φ as the row's vector and two side columns,
+A *token index* stores one row per target token (row id ``<example>#<position>``, in
+example order; chunks of fixed size, resumable and checksummed as any index): φ as the
+row's vector and two side columns,
 
     target [1 + m] int32    y_i, then the m most probable other tokens (−1: none)
     alpha  [1 + m] float32  1 − p(y_i | x_i), then −p(v | x_i) for those tokens
 
-Positions that are not targets (the first token, padding, a query's prompt) are rows of
-zeros with target −1. α is dense over the vocabulary but tiny almost everywhere: the
+α is dense over the vocabulary but tiny almost everywhere: the
 index keeps every v with p(v | x_i) ≥ ``alpha_floor`` in m = min(⌊1 / floor⌋, V − 1)
 slots, enough for all of them (at most 1 / floor tokens can each have p ≥ floor). What is
 dropped is α_{i,v} ∈ (−floor, 0) for y_i ≠ v, so support sets at any τ ≥ floor are exact,
@@ -64,8 +63,8 @@ class SupportConfig:
     """How a token index is built.
 
     Attributes:
-      seq_len: positions per example (rows per example).
-      examples_per_chunk: examples per storage chunk (chunk rows = this × seq_len).
+      seq_len: the longest example (examples are padded per batch to their longest).
+      chunk_rows: target tokens per storage chunk (the commit unit).
       batch_size: examples per forward pass (a multiple of the mesh's data axis).
       alpha_floor: keep α_{i,v} of every v with p(v | x_i) ≥ this; at most 1 / floor
         such v, so min(⌊1 / floor⌋, V − 1) slots per row hold them all.
@@ -77,7 +76,7 @@ class SupportConfig:
     """
 
     seq_len: int = 128
-    examples_per_chunk: int = 16
+    chunk_rows: int = 4096
     batch_size: int = 16
     alpha_floor: float = 0.05
     projection_dim: int | None = None
@@ -213,15 +212,46 @@ def manifest_for(
     }
 
 
-def row_ids(example_ids: Sequence[str], seq_len: int) -> list[str]:
-    """``<example>#<position>`` for every position of every example, in row order."""
-    return [f'{e}#{t}' for e in example_ids for t in range(seq_len)]
+def target_positions(example: Mapping[str, Any]) -> np.ndarray:
+    """Positions of an example's target tokens (its loss mask)."""
+    return np.flatnonzero(np.asarray(example['loss_mask']) > 0)
 
 
 def split_row_id(row_id: str) -> tuple[str, int]:
-    """(example id, position) of a token row id."""
+    """(example id, position) of a token row id ``<example>#<position>``."""
     example, _, pos = row_id.rpartition('#')
     return example, int(pos)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Where each example's target tokens sit among the index rows.
+
+    Attributes:
+      ids: row ids, ``<example>#<position>`` for every target token, in example order.
+      starts: [E + 1] first row of each example (and the total at the end).
+    """
+
+    ids: list[str]
+    starts: np.ndarray
+
+    @classmethod
+    def of(cls, source: examples_lib.ExampleSource, block: int = 4096) -> TokenLayout:
+        """Made by reading the examples' masks once (in blocks of ``block``)."""
+        ids: list[str] = []
+        counts = []
+        for a in range(0, len(source), block):
+            for ex in source.rows(a, a + block):
+                pos = target_positions(ex)
+                ids.extend(f'{ex["id"]}#{t}' for t in pos)
+                counts.append(len(pos))
+        return cls(ids, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]))
+
+    def examples_of(self, start: int, stop: int) -> tuple[int, int]:
+        """[first, last) examples holding rows [start, stop)."""
+        first = int(np.searchsorted(self.starts, start, side='right')) - 1
+        last = int(np.searchsorted(self.starts, stop, side='left'))
+        return first, max(last, first + 1)
 
 
 def featurize_tokens(
@@ -236,83 +266,94 @@ def featurize_tokens(
     fault_hook: Any = None,
 ) -> Index:
     """Writes the token index of ``examples`` at ``url`` (resumes an unfinished one), then
-    its by-token CSR. Single process; the forward passes are sharded along ``data``.
+    its by-token CSR. One row per target token; a chunk is ``chunk_rows`` consecutive
+    rows, computed from the examples that hold them (an example cut by a chunk boundary
+    is run for both chunks). Single process; the forward passes are sharded along
+    ``data``.
 
     Returns:
       The finished token index.
+
+    Raises:
+      ValueError: on a bad batch size, no target tokens, or examples that changed
+        under a resume.
     """
     if jax.process_count() > 1:
         raise NotImplementedError(
-            'featurize_tokens runs in one process (sharded over its devices).'
+            'featurize_tokens runs in one process (its forward passes sharded over the devices).'
         )
     mesh = mesh or streaming.default_mesh()
     n_data = mesh.shape[shd.DATA]
     if config.batch_size % n_data:
         raise ValueError(
-            f'batch_size {config.batch_size} is not a multiple of the data axis {n_data}.'
+            f'batch_size {config.batch_size} is not a multiple of the data axis ({n_data}).'
         )
     params = nn.unbox(params)
     source = examples_lib.as_source(examples)
+    layout = TokenLayout.of(source)
+    if not layout.ids:
+        raise ValueError('The examples have no target tokens (every loss_mask is 0).')
     w, scale = head_of(model, params)
     proj = projection_matrix(w.shape[1], config)
-    dim = config.projection_dim or w.shape[1]
     slots = config.slots(w.shape[0])
-    width = 1 + slots
-    t = config.seq_len
-    ids = row_ids(source.ids, t)
     writer = index_lib.create(
         url,
         manifest_for(model, params, config, manifest_extra),
-        ids,
-        dim=dim,
+        layout.ids,
+        dim=config.projection_dim or w.shape[1],
         dtype=config.dtype,
-        chunk_rows=config.examples_per_chunk * t,
-        extras={'target': (width, 'int32'), 'alpha': (width, 'float32')},
+        chunk_rows=config.chunk_rows,
+        extras={'target': (1 + slots, 'int32'), 'alpha': (1 + slots, 'float32')},
     )
     program = _row_program(model, mesh, scale, slots, config.alpha_floor)
     rep = shd.replicated(mesh)
     params_d = jax.device_put(params, rep)
     proj_d = None if proj is None else jax.device_put(proj, rep)
-    epc = config.examples_per_chunk
+
+    def chunk_examples(chunk):
+        return source.rows(*layout.examples_of(*writer.rows(chunk)))
+
     markers = writer.markers()
     for chunk, marker in markers.items():  # resume trusts content, not markers
-        mine = source.rows(chunk * epc, (chunk + 1) * epc)
-        if marker.get('input') != pipeline.input_digest(mine):
+        if marker.get('input') != pipeline.input_digest(chunk_examples(chunk)):
             raise ValueError(
                 f'Token index {url}: the examples of chunk {chunk} changed since it was '
                 'written (corpus, tokenizer or seq_len): use a new path or delete the index.'
             )
     todo = [c for c in range(writer.num_chunks) if c not in markers]
-    logging.info('Token index %s: %d examples x %d positions, %d chunks to write.',
-                 url, len(source), t, len(todo))  # fmt: skip
+    logging.info('Token index %s: %d target tokens of %d examples, %d chunks to write.',
+                 url, len(layout.ids), len(source), len(todo))  # fmt: skip
     t0 = time.time()
     for i, chunk in enumerate(todo):
-        mine = source.rows(chunk * epc, (chunk + 1) * epc)
-        rows = -(-len(mine) // config.batch_size) * config.batch_size
-        batch = examples_lib.pad_batch(mine, rows, t)
-        outs = [
-            program(
-                params_d,
-                proj_d,
-                batch['tokens'][b : b + config.batch_size],
-                batch['loss_mask'][b : b + config.batch_size],
-            )  # fmt: skip
-            for b in range(0, rows, config.batch_size)
-        ]
-        phi, target, alpha = (
-            np.concatenate([np.asarray(o[j]) for o in outs])[: len(mine)].reshape(len(mine) * t, -1)
-            for j in range(3)
-        )
+        start, stop = writer.rows(chunk)
+        first, _ = layout.examples_of(start, stop)
+        mine = chunk_examples(chunk)
+        parts = [[], [], []]
+        for b in range(0, len(mine), config.batch_size):
+            group = mine[b : b + config.batch_size]
+            longest = max(len(ex['tokens']) for ex in group)
+            length = examples_lib.bucket_length(longest, config.seq_len)
+            batch = examples_lib.pad_batch(group, config.batch_size, length)
+            outs = program(params_d, proj_d, batch['tokens'], batch['loss_mask'])
+            for part, out in zip(parts, outs, strict=True):
+                out = np.asarray(out)
+                part.extend(out[e, target_positions(ex)] for e, ex in enumerate(group))
+        phi, target, alpha = (np.concatenate(p) for p in parts)
+        lo = start - int(layout.starts[first])  # the chunk's rows within its examples
+        phi, target, alpha = (a[lo : lo + stop - start] for a in (phi, target, alpha))
         writer.write_chunk(
             chunk,
             phi,
-            batch['loss_mask'][: len(mine)].reshape(-1),
+            np.ones(stop - start, np.float32),
             fault_hook=fault_hook,
             input_digest=pipeline.input_digest(mine),
             extras={'target': target, 'alpha': alpha},
         )
-        logging.info('Token index %s: chunk %d/%d, %.1f examples/s', url, i + 1, len(todo),
-                     (i + 1) * epc / max(time.time() - t0, 1e-9))  # fmt: skip
+        if i % 16 == 0 or i + 1 == len(todo):
+            rate = (i + 1) * config.chunk_rows / max(time.time() - t0, 1e-9)
+            left = (len(todo) - i - 1) * config.chunk_rows / rate
+            logging.info('Token index %s: chunk %d/%d, %.0f tokens/s, ETA %.0fs', url, i + 1,
+                         len(todo), rate, left)  # fmt: skip
     idx = writer.finish()
     build_by_token(idx)
     return idx
@@ -400,10 +441,10 @@ class Contributions:
     """The training tokens that most promote and most deter predicting v after a context.
 
     score_i = α_{i,v} ⟨φ(x_i), φ(x′)⟩ (the 1/(2Nλ) of the theorem is one positive constant
-    and does not change the order). ``promote_*`` are the k largest scores, ``deter_*``
-    the k smallest (most negative), each over every stored (i, α_{i,v}) of v (exact),
-    ties by row. ``dropped_bound`` bounds |score| of any token the index did not keep
-    for v: alpha_floor · max_i ‖φ_i‖ · ‖φ(x′)‖.
+    and does not change the order). ``promote_*`` are the k largest positive scores,
+    ``deter_*`` the k most negative, each over every stored (i, α_{i,v}) of v (exact),
+    ties by row (fewer than k when fewer have that sign). ``dropped_bound`` bounds
+    |score| of any token the index did not keep for v: alpha_floor · max_i ‖φ_i‖ · ‖φ(x′)‖.
     """
 
     token: int
@@ -458,8 +499,8 @@ class TokenIndex:
         return out / (2.0 * n * lam)
 
     def targets(self) -> np.ndarray:
-        """Rows that are target tokens (int [n_targets])."""
-        return np.flatnonzero(self.index.num_targets() > 0)
+        """Rows that are target tokens (all of them; int [N])."""
+        return np.arange(len(self.index))
 
     def support(self, token: int, tau: float = 0.5) -> SupportSet:
         """S_v at threshold τ (≥ the index's alpha_floor, so the set is exact)."""
@@ -493,10 +534,10 @@ class TokenIndex:
         dots = phis.astype(np.float64) @ phi_query.astype(np.float64)
         scores = alpha.astype(np.float64) * dots
         ids = self.index.ids
-        kk = min(k, len(rows))
-        # Stable sorts over rows in ascending order: ties go to the lower row.
-        top = np.argsort(-scores, kind='stable')[:kk]
-        low = np.argsort(scores, kind='stable')[:kk]
+        # Stable sorts over rows in ascending order: ties go to the lower row. Only
+        # positive scores promote, only negative ones deter.
+        top = np.argsort(-scores, kind='stable')[: min(k, int((scores > 0).sum()))]
+        low = np.argsort(scores, kind='stable')[: min(k, int((scores < 0).sum()))]
         return Contributions(
             token,
             [ids[r] for r in rows[top]], scores[top], alpha[top], rows[top],
@@ -521,3 +562,35 @@ def prompt_features(
         phi = np.asarray(x[0, -1]) * scale
         out.append(phi if projection is None else phi @ projection)
     return np.stack(out).astype(np.float32)
+
+
+def summary(tok: TokenIndex, tau: float = 0.5, top: int = 10) -> dict[str, Any]:
+    """The paper's counts at τ: support samples S = ∪_v S_v among the target tokens, their
+    share, Type-1 / Type-2 memberships, and how S_v sizes spread over tokens."""
+    idx = tok.index
+    targets = tok.targets()
+    alpha = np.abs(idx.extra('alpha'))
+    is_support = (alpha[targets] >= tau).any(axis=1)
+    a = tok.by_token['alpha']
+    sizes = np.zeros(tok.vocab_size, np.int64)
+    counts = np.diff(tok.by_token['offsets'])
+    tokens = np.repeat(np.arange(tok.vocab_size), counts)
+    member = np.abs(a) >= tau
+    np.add.at(sizes, tokens[member], 1)
+    seen = np.flatnonzero(
+        np.bincount(idx.extra('target', None)[targets, 0], minlength=tok.vocab_size)
+    )
+    by_size = np.argsort(-sizes, kind='stable')[:top]
+    return {
+        'tau': tau,
+        'target_tokens': int(len(targets)),
+        'support_samples': int(is_support.sum()),
+        'support_share': float(is_support.mean()) if len(targets) else 0.0,
+        'type1_memberships': int((member & (a > 0)).sum()),
+        'type2_memberships': int((member & (a < 0)).sum()),
+        'tokens_with_support': int((sizes > 0).sum()),
+        'target_vocabulary': int(len(seen)),
+        'tokens_with_fewer_than_10': int(((sizes < 10) & (sizes > 0)).sum()),
+        'support_set_sizes': sizes.tolist(),
+        'largest_support_sets': [[int(v), int(sizes[v])] for v in by_size],
+    }
