@@ -11,6 +11,7 @@ import pytest
 from trackstar_jax import checkpoint, grads, index, losses, pipeline, preconditioners, train
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
+from trackstar_jax.data import examples as examples_lib
 from trackstar_jax.eval import fact_tracing, metrics
 from trackstar_jax.eval import tail_patch as tail_patch_lib
 from trackstar_jax.jobs import attribution
@@ -163,6 +164,7 @@ def test_user_supplied_facts_and_corpus(tmp_path):
         fact_tracing.Method(name='Exp 2 (+unit)', correction='none', preconditioner='none'),
         fact_tracing.Method(name='TrackStar', preconditioner='mixed'),
         fact_tracing.Method(name='Toy', preconditioner=TOY.name),
+        fact_tracing.Method(name='Representer points', kind='representer'),
     ]
     spec = grads.GradientSpec(block_dim=16, num_layer_blocks=2)
     out = fact_tracing.evaluate(
@@ -186,7 +188,7 @@ def test_user_supplied_facts_and_corpus(tmp_path):
     table = out['table']
     assert out['num_queries'] == 3 and out['num_candidates'] == 8
     assert table['Gold (entailing)']['all']['mrr'] == 1.0
-    for name in ('Exp 2 (+unit)', 'TrackStar', 'TrackStar@D=16', 'Toy'):
+    for name in ('Exp 2 (+unit)', 'TrackStar', 'TrackStar@D=16', 'Toy', 'Representer points'):
         row = table[name]['all']
         assert 0.0 <= row['mrr'] <= 1.0 and 0.0 <= row['recall@3'] <= 1.0
         assert np.isfinite(row['tail_patch'])
@@ -223,6 +225,22 @@ def test_user_supplied_facts_and_corpus(tmp_path):
         assert max(x['opponent_scores']) <= min(x['proponent_scores'])
         entails = set(facts_by_id[x['example_id']]['entailing_ids'])
         assert x['proponent_correct'] == [i in entails for i in x['proponent_ids']]
+    # Representer points: the token index of the candidates, each completion's scores
+    # summed per passage (support.representer_scores), exact top-k by (score, id).
+    from trackstar_jax import support
+    from trackstar_jax.jobs.common import load_model
+
+    loaded = load_model(str(tmp_path / 'ckpt'), shd.make_mesh())
+    tokenizer = corpus_lib.Tokenizer()
+    passages = examples_lib.corpus_examples(corpus, tokenizer, 16)
+    tok = support.TokenIndex(support.featurize_tokens(
+        loaded.model, loaded.params, passages, str(tmp_path / 'tokens'),
+        support.SupportConfig(seq_len=16, batch_size=8)))  # fmt: skip
+    for q in examples_lib.fact_queries(facts, tokenizer, 16):
+        ids, sc = support.representer_scores(tok, *support.completion_features(
+            loaded.model, loaded.params, q))  # fmt: skip
+        top = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (-sc[i], ids[i]))[:3]]
+        assert out['rankings']['Representer points'][q['id']] == top
     md = open(tmp_path / 'eval' / 'results.md').read()
     assert '| Toy |' in md and 'Recall@3' in md and 'Recall@10' not in md  # the k used
 

@@ -273,3 +273,33 @@ def test_support_job_end_to_end(tmp_path):
     q = out['queries'][0]
     page = open(str(tmp_path / 'support_index.html')).read()
     assert 'promoting' in page and 'deterring' in page and q['prompt'][:10] in page
+
+
+def test_representer_scores_equal_brute_force(built):
+    """Σ over a completion's tokens and an example's tokens of α_{i,v_t}⟨φ_i, φ′_t⟩, against
+    a loop over the dense α (restricted to what the index keeps), and the dropped terms
+    under the bound."""
+    model, params, examples, idx = built
+    tok = support.TokenIndex(idx)
+    dense = _dense_alpha(model, params, examples)
+    by_id = {rid: (y, a) for rid, y, a in dense}
+    phis = idx.read(slice(0, len(idx))).astype(np.float64)
+    rows = {rid: r for r, rid in enumerate(idx.ids)}
+    query = fx.query_examples(3, seed=7)[2]
+    q_phi, q_tok = support.completion_features(model, params, query)
+    assert len(q_tok) == int(np.sum(query['loss_mask'])) > 1
+    ids, got = support.representer_scores(tok, q_phi, q_tok)
+    assert ids == [ex['id'] for ex in examples]
+    want = {e: 0.0 for e in ids}
+    dropped = 0.0
+    for rid, (y, a) in by_id.items():
+        e = support.split_row_id(rid)[0]
+        for phi_q, v in zip(q_phi.astype(np.float64), q_tok, strict=True):
+            term = a[v] * float(phis[rows[rid]] @ phi_q)
+            if y == v or -a[v] >= FLOOR:
+                want[e] += term
+            else:
+                dropped = max(dropped, abs(term))
+    np.testing.assert_allclose(got, [want[e] for e in ids], rtol=1e-4, atol=1e-6)
+    bound = tok.contributions(int(q_tok[0]), q_phi[0]).dropped_bound
+    assert dropped <= bound * np.linalg.norm(q_phi, axis=1).max() / np.linalg.norm(q_phi[0])

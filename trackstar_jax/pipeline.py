@@ -84,7 +84,7 @@ class IndexConfig:
             raise ValueError(f'dtype must be one of {sorted(index_lib.DTYPES)}.')
 
 
-METHOD_KINDS = ('gradient', 'bm25', 'dense', 'gold')
+METHOD_KINDS = ('gradient', 'bm25', 'dense', 'gold', 'representer')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +93,9 @@ class Method:
 
     Attributes:
       name: row label.
-      kind: 'gradient' (this pipeline), or the evaluation's 'bm25', 'dense' and
-        'gold' (tail-patch the entailing examples).
+      kind: 'gradient' (this pipeline), 'representer' (representer points over a
+        token index, :mod:`trackstar_jax.support`), or the evaluation's 'bm25',
+        'dense' and 'gold' (tail-patch the entailing examples).
       correction: optimizer correction of gradient methods ('adafactor', 'adam', 'none').
       output_fn: 'loss', 'margin', 'logit' or 'trak'.
       preconditioner: a registered preconditioner kind ('none', 'diagonal', 'train',

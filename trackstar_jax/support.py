@@ -470,6 +470,17 @@ class TokenIndex:
         self.by_token = load_by_token(self.index)
         self.vocab_size = int(self.index.manifest['vocab_size'])
         self._max_norm = float(self.index.norms().max()) if len(self.index) else 0.0
+        self._row_examples: tuple[np.ndarray, list[str]] | None = None
+
+    def row_examples(self) -> tuple[np.ndarray, list[str]]:
+        """(example number of every row [N], example ids in row order)."""
+        if self._row_examples is None:
+            names = [split_row_id(r)[0] for r in self.index.ids]
+            new = np.zeros(len(names), np.int64)
+            new[1:] = [a != b for a, b in zip(names[1:], names[:-1], strict=True)]
+            number = np.cumsum(new)
+            self._row_examples = (number, [names[i] for i in np.flatnonzero(np.r_[1, new[1:]])])
+        return self._row_examples
 
     def _entries(self, token: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= token < self.vocab_size:
@@ -594,3 +605,42 @@ def summary(tok: TokenIndex, tau: float = 0.5, top: int = 10) -> dict[str, Any]:
         'support_set_sizes': sizes.tolist(),
         'largest_support_sets': [[int(v), int(sizes[v])] for v in by_size],
     }
+
+
+def representer_scores(
+    tok: TokenIndex, phis: np.ndarray, tokens: Sequence[int]
+) -> tuple[list[str], np.ndarray]:
+    """Representer-point attribution of a completion to each training example.
+
+    score(e) = Σ_t Σ_{i ∈ e} α_{i,v_t} ⟨φ(x_i), φ(x′_t)⟩ over the completion's tokens v_t
+    (contexts x′_t, head inputs ``phis`` [n, d]): the examples' share of the completion's
+    logits under the representer decomposition (exact over the stored α; a dropped α
+    changes a term by less than :attr:`Contributions.dropped_bound`).
+
+    Returns:
+      (example ids in index order, float64 scores [E]).
+    """
+    example_of_row, examples = tok.row_examples()
+    out = np.zeros(len(examples))
+    for phi, v in zip(np.asarray(phis, np.float64), tokens, strict=True):
+        rows, alpha = tok._entries(int(v))
+        if not len(rows):
+            continue
+        order = np.argsort(rows, kind='stable')
+        rows, alpha = rows[order], alpha[order]
+        terms = alpha.astype(np.float64) * (tok.index.read(rows).astype(np.float64) @ phi)
+        np.add.at(out, example_of_row[rows], terms)
+    return examples, out
+
+
+def completion_features(
+    model: nn.Module, params: Any, example: Mapping[str, Any], projection: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(φ(x′_t) [n, d], v_t [n]) of an example's target tokens: the head input before each."""
+    params = nn.unbox(params)
+    _, scale = head_of(model, params)
+    toks = np.asarray(example['tokens'], np.int32)
+    x, _ = head_inputs(model, params, jnp.asarray(toks[None]))
+    pos = target_positions(example)
+    phi = np.asarray(x[0])[pos - 1] * scale
+    return (phi if projection is None else phi @ projection).astype(np.float32), toks[pos]

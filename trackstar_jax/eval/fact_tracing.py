@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from trackstar_jax import checkpoint, grads, losses, pipeline
+from trackstar_jax import checkpoint, grads, losses, pipeline, support
 from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
@@ -215,6 +215,29 @@ def _gradient_indices(loaded, spec, data, config, mesh, root):
         return cache[(correction, output_fn)]
 
     return get
+
+
+def _representer_ranking(loaded, spec, data, config, mesh, root, k) -> dict[str, list[str]]:
+    """Representer points (support-samples seed, the tutorial's representer row): the
+    candidates' token index at the checkpoint, each query's completion scored against
+    every candidate by Σ α_{i,v_t}⟨φ_i, φ′_t⟩ (:func:`support.representer_scores`);
+    exact top-k, ties by id."""
+    tag = _content_tag(loaded, spec, config, data)
+    cfg = support.SupportConfig(seq_len=config.seq_len, batch_size=config.batch_size)
+    url = os.path.join(root, f'representer_{tag}')
+    extra = {'checkpoint_dir': os.path.abspath(loaded.checkpoint_dir)}
+    tok = support.TokenIndex(
+        support.featurize_tokens(
+            loaded.model, loaded.params, data.candidates, url, cfg, mesh=mesh, manifest_extra=extra
+        )  # fmt: skip
+    )
+    out = {}
+    for q in data.queries:
+        phis, tokens = support.completion_features(loaded.model, loaded.params, q)
+        ids, scores = support.representer_scores(tok, phis, tokens)
+        order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))[:k]
+        out[q['id']] = [ids[i] for i in order]
+    return out
 
 
 def sweep_indices(train, queries, block_dim: int, root: str):
@@ -435,6 +458,10 @@ def evaluate(
             )
             if pre.kind != 'none' and jax.process_index() == 0:
                 pre.save(os.path.join(workdir, 'preconditioners', _slug(m.name)))
+        elif m.kind == 'representer':
+            rankings[m.name] = _representer_ranking(
+                loaded, spec, data, config, mesh, os.path.join(workdir, 'indices'), k
+            )
         else:
             rankings[m.name] = _baseline_ranking(m, data, k)
         info.setdefault(m.name, {})['seconds'] = time.time() - t0
