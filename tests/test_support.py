@@ -197,6 +197,11 @@ def test_head_at_a_stationary_point_is_the_support_decomposition(tmp_path):
     assert lf.rel_err(theta, w) < 1e-4
 
 
+@pytest.mark.fault(
+    'A token-index build (support samples) crashes after committing a chunk',
+    'The re-run writes the missing chunks only; rows equal a one-device build; examples '
+    'changed under a resume: ValueError',
+)
 def test_eight_devices_equal_one_and_resume_rewrites_identically(tmp_path):
     model, params = _peaked_model()
     examples = fx.train_examples(13)
@@ -226,6 +231,10 @@ def test_eight_devices_equal_one_and_resume_rewrites_identically(tmp_path):
         changed[0]['tokens'] = (np.asarray(changed[0]['tokens']) + 1) % fx.CFG.vocab_size
         support.featurize_tokens(model, params, changed, url, _config(), mesh=eight)
     assert index.open(url).manifest['kind'] == support.KIND
+    # Other parameters (another checkpoint) are another index, never a resume.
+    other = jax.tree_util.tree_map(lambda a: a * 1.01, params)
+    with pytest.raises(ValueError, match='other settings'):
+        support.featurize_tokens(model, other, examples, url, _config(), mesh=eight)
 
 
 def test_support_job_end_to_end(tmp_path):

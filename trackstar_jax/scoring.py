@@ -294,7 +294,7 @@ def row_norms(
         ):
             return np.frombuffer(data, np.float32).copy()
         logging.warning('%s: cached row norms do not match; recomputing them.', train.path)
-    arrays = jax.device_put(preconditioner.arrays, shd.replicated(mesh))
+    arrays = preconditioner.device_arrays(mesh)
     step = _norm_step(mesh, preconditioner.kind)
     out = np.zeros(len(train), np.float32)
     for vecs, valid, rows, _ in streaming.stream_rows(train, mesh, chunk_rows):
@@ -351,7 +351,7 @@ def score(
         k = len(train)
     mesh = mesh or streaming.default_mesh()
     rep = shd.replicated(mesh)
-    arrays = jax.device_put(preconditioner.arrays, rep)
+    arrays = preconditioner.device_arrays(mesh)
     raw_queries = jax.device_put(queries_idx.read(slice(0, len(queries_idx))), rep)
     nq = len(queries_idx)
     opponents = min(max(config.opponents, 0), len(train))

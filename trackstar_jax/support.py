@@ -49,8 +49,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from trackstar_jax import checkpoint, pipeline, streaming
 from trackstar_jax import index as index_lib
-from trackstar_jax import pipeline, streaming
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import examples as examples_lib
 from trackstar_jax.index import Index
@@ -154,7 +154,6 @@ def token_rows(
     Position t is a target when mask[t] = 1; its context is tokens[:t], so its φ and p
     come from position t − 1 of the model's outputs. Other positions are zero / −1.
     """
-    b, t = tokens.shape
     is_target = mask > 0
     shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)  # noqa: E731
     phi_t = shift(phi)
@@ -169,7 +168,6 @@ def token_rows(
     target = jnp.where(is_target[..., None], target, -1)
     alpha = jnp.where(is_target[..., None], alpha, 0.0)
     phi_t = jnp.where(is_target[..., None], phi_t, 0.0)
-    del b, t
     return phi_t, target.astype(jnp.int32), alpha
 
 
@@ -194,11 +192,13 @@ def _row_program(model: nn.Module, mesh: Mesh, scale: float, slots: int, floor: 
 def manifest_for(
     model: nn.Module, params: Any, config: SupportConfig, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """What a token index's rows are (the storage adds its own keys)."""
+    """What a token index's rows are (the storage adds its own keys). The parameters'
+    fingerprint is part of it: a resume at another checkpoint is refused, never mixed."""
     w, scale = head_of(model, params)
     return {
         'kind': KIND,
         'model': type(model).__name__,
+        'params_fingerprint': checkpoint.fingerprint(params),
         'model_config': getattr(model.config, 'to_dict', lambda: {})(),
         'seq_len': config.seq_len,
         'vocab_size': int(w.shape[0]),
