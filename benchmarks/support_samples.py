@@ -15,7 +15,8 @@ r"""The analyses of "On Support Samples of Next Word Prediction" on the demo mod
    at random (split 8:1:1), a linear and an MLP classifier on (a) the last hidden state
    φ and (b) a randomly projected gradient of log p(y | x) (this package's featurizer,
    no optimizer correction, one example per token), at θ(0), each saved checkpoint
-   and the last. Accuracy on the test split, with the majority-class rate beside it.
+   and the last. Accuracy on the test split with its 95% Wilson interval, and the
+   majority-class rate beside it.
 
 Not here yet: the removal-retraining experiment (paper's Table 2) and per-layer
 probing of non-support samples (Figure 6).
@@ -181,6 +182,37 @@ def classify(x: np.ndarray, y: np.ndarray, split: np.ndarray, hidden: int, seed:
     return best_test
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson interval of an accuracy p measured on n examples."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(centre - half), float(centre + half)]
+
+
+def figure5(probes: list[dict[str, Any]], majority: float, path: str) -> None:
+    """Test accuracy against checkpoint for each feature x classifier (paper Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [p['step'] for p in probes]
+    for key in [k for k in probes[0] if '/' in k and not k.endswith('_ci')]:
+        y = [p[key] for p in probes]
+        lo = [p[key] - p[key + '_ci'][0] for p in probes]
+        hi = [p[key + '_ci'][1] - p[key] for p in probes]
+        ax.errorbar(x, y, yerr=[lo, hi], marker='o', capsize=3, label=key)
+    ax.axhline(majority, color='grey', ls=':', label='majority class')
+    ax.set_xlabel('checkpoint step (0 = initialisation)')
+    ax.set_ylabel('test accuracy')
+    ax.set_title('Predicting support status at the last checkpoint (paper Fig. 5)')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All analyses; returns the results dict."""
     from trackstar_jax import checkpoint, grads, support, train
@@ -206,7 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    os.path.join(work, 'tokens_last'), cfg)  # fmt: skip
     tok = support.TokenIndex(idx)
     counts = token_counts(tok, (0.5, 0.9))
-    figure1(counts, os.path.join(harness.RESULTS_DIR, 'support_samples_fig1.png'))
+    prefix = 'support_samples_quick' if args.quick else 'support_samples'
+    figure1(counts, os.path.join(harness.RESULTS_DIR, f'{prefix}_fig1.png'))
 
     # Probing support status from earlier checkpoints.
     labels = _labels(tok, args.label_tau)
@@ -228,11 +261,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entry = {'checkpoint': name, 'step': step}
         for feat_name, x in (('last_hidden', phi), ('gradient', grad)):
             for clf, hidden in (('linear', 0), ('mlp', 256)):
-                entry[f'{feat_name}/{clf}'] = classify(x, y, split, hidden, seed=0)
+                acc = classify(x, y, split, hidden, seed=0)
+                entry[f'{feat_name}/{clf}'] = acc
+                entry[f'{feat_name}/{clf}_ci'] = wilson(acc, int((split == 2).sum()))
         probes.append(entry)
         print(f'[support] {name}: ' + ', '.join(f'{k} {v:.3f}' for k, v in entry.items()
-                                                 if '/' in k), flush=True)  # fmt: skip
+                                                 if '/' in k and not k.endswith('_ci')),
+              flush=True)  # fmt: skip
     majority = float(max(y[split == 2].mean(), 1 - y[split == 2].mean()))
+    prefix = 'support_samples_quick' if args.quick else 'support_samples'
+    figure5(probes, majority, os.path.join(harness.RESULTS_DIR, f'{prefix}_fig5.png'))
     return {
         'benchmark': 'support_samples',
         'quick': args.quick,
@@ -254,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             'by_checkpoint': probes,
         },
         'paper': PAPER,
-        'figure1': 'support_samples_fig1.png',
+        'figures': [f'{prefix}_fig1.png', f'{prefix}_fig5.png'],
         'wall_seconds': time.time() - t0,
     }
 
