@@ -18,8 +18,14 @@ r"""The analyses of "On Support Samples of Next Word Prediction" on the demo mod
    and the last. Accuracy on the test split with its 95% Wilson interval, and the
    majority-class rate beside it.
 
-Not here yet: the removal-retraining experiment (paper's Table 2) and per-layer
-probing of non-support samples (Figure 6).
+4. Removing non-support samples (paper's Table 2): hard (support samples only), soft
+   (each token kept with probability max_v |α|), random (as many tokens as hard) and
+   the original set; (a) only an LM head retrained on the last checkpoint's φ, (b) the
+   whole model trained from scratch on the subset (``--retrain_steps``). Test loss on
+   held-out passages and support counts before → after, on the new and the original set.
+5. Per-layer probing (paper's Figure 6): a new head fitted on each block's output, and
+   the number of non-support samples under it, layer by layer. (No POS breakdown: no
+   tagger ships offline.)
 """
 
 from __future__ import annotations
@@ -213,6 +219,185 @@ def figure5(probes: list[dict[str, Any]], majority: float, path: str) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- heads
+
+
+def fit_head(x, y, keep, vocab: int, lam: float, epochs: int, seed: int = 0):
+    """Softmax regression W [V, d] on rows ``keep`` of (x, y): minibatch Adam on the mean
+    token loss + λ‖W‖² (an LM head trained with the body fixed)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    xs, ys = jnp.asarray(x[keep]), jnp.asarray(y[keep])
+    w = jnp.zeros((vocab, x.shape[1]), jnp.float32)
+    tx = optax.adam(3e-3)
+    state = tx.init(w)
+
+    def loss(w, xb, yb):
+        logp = jax.nn.log_softmax(xb @ w.T, axis=-1)
+        return -jnp.take_along_axis(logp, yb[:, None], 1).mean() + lam * jnp.sum(w * w)
+
+    @jax.jit
+    def step(w, s, xb, yb):
+        g = jax.grad(loss)(w, xb, yb)
+        u, s = tx.update(g, s, w)
+        return optax.apply_updates(w, u), s
+
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        perm = rng.permutation(len(ys))
+        for b in range(0, len(perm) - 511, 512):
+            i = perm[b : b + 512]
+            w, state = step(w, state, xs[i], ys[i])
+    return w
+
+
+def head_stats(w, x, y, tau: float) -> tuple[float, np.ndarray]:
+    """(mean token loss, support status [n]) of rows (x, y) under head W."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def chunk(xb, yb):
+        logp = jax.nn.log_softmax(xb @ w.T, axis=-1)
+        p = jnp.exp(logp)
+        p_y = jnp.take_along_axis(p, yb[:, None], 1)[:, 0]
+        others = p.at[jnp.arange(len(yb)), yb].set(0.0)
+        support = ((1 - p_y) >= tau) | (others.max(1) >= tau)
+        return -jnp.take_along_axis(logp, yb[:, None], 1)[:, 0], support
+
+    losses, support = [], []
+    for b in range(0, len(y), 4096):
+        lo, su = chunk(jnp.asarray(x[b : b + 4096]), jnp.asarray(y[b : b + 4096]))
+        losses.append(np.asarray(lo))
+        support.append(np.asarray(su))
+    return float(np.concatenate(losses).mean()), np.concatenate(support)
+
+
+def removal_subsets(alpha_max: np.ndarray, support: np.ndarray, seed: int) -> dict[str, Any]:
+    """The paper's Table 2 training sets: 'original' (all), 'hard' (support samples
+    only), 'soft' (each token kept with probability max_v |α_{i,v}|), 'random' (as many
+    tokens as 'hard', uniformly)."""
+    rng = np.random.default_rng(seed)
+    n = len(support)
+    random = np.zeros(n, bool)
+    random[rng.choice(n, size=int(support.sum()), replace=False)] = True
+    return {
+        'original': np.ones(n, bool),
+        'hard': support.copy(),
+        'soft': rng.random(n) < np.clip(alpha_max, 0.0, 1.0),
+        'random': random,
+    }
+
+
+def table2_heads(phi, y, phi_test, y_test, subsets, support, vocab, tau, args):
+    """Table 2 (a): only the LM head retrained (body fixed) on each subset."""
+    rows = {}
+    for name, keep in subsets.items():
+        w = fit_head(phi, y, keep, vocab, args.head_l2, args.head_epochs)
+        test_loss, _ = head_stats(w, phi_test, y_test, tau)
+        _, new_support = head_stats(w, phi, y, tau)
+        rows[name] = {
+            'kept_tokens': int(keep.sum()),
+            'test_loss': test_loss,
+            'support_in_new_set': [int(support[keep].sum()), int(new_support[keep].sum())],
+            'support_in_original_set': [int(support.sum()), int(new_support.sum())],
+        }
+        print(f'[support] table2 heads {name}: {rows[name]}', flush=True)
+    return rows
+
+
+def table2_full(train_examples, test_examples, subsets, row_example, row_pos, tau, args, work):
+    """Table 2 (b): the whole model trained from scratch on each subset (loss masks keep
+    only the subset's tokens; same init, data order and steps), then its test loss and
+    support counts from a token index of the training passages."""
+    import jax
+
+    from trackstar_jax import losses, support, train
+    from trackstar_jax import sharding as shd
+    from trackstar_jax.data import examples as examples_lib
+    from trackstar_jax.models import DecoderConfig, DecoderLM
+
+    cfg = DecoderConfig(vocab_size=4096, num_layers=4, d_model=128, num_heads=4,
+                        num_kv_heads=1, mlp_dim=512, max_len=128)  # fmt: skip
+    model = DecoderLM(cfg)
+    mesh = shd.make_mesh()
+    tc = train.TrainConfig(
+        batch_size=16, seq_len=128, num_steps=args.retrain_steps, warmup_steps=50,
+        learning_rate=1e-2, min_dim_size_to_factor=128,
+    )  # fmt: skip
+    tx = train.make_optimizer(tc)
+    eval_loss = jax.jit(lambda p, t, m: losses.mean_token_loss(model.apply({'params': p}, t), t, m))
+    rows = {}
+    for name, keep in subsets.items():
+        masks = [np.zeros(len(ex['tokens']), np.float32) for ex in train_examples]
+        for r in np.flatnonzero(keep):
+            masks[row_example[r]][row_pos[r]] = 1.0
+        data = [dict(ex, loss_mask=m) for ex, m in zip(train_examples, masks, strict=True)]
+        data = [ex for ex in data if ex['loss_mask'].any()]
+        state, shardings = train.create_train_state(model, tc, mesh)
+        step = train.make_train_step(model, tx, mesh, shardings)
+        rng = np.random.default_rng(0)
+        for _ in range(tc.num_steps):
+            group = [data[i] for i in rng.choice(len(data), tc.batch_size, replace=False)]
+            length = examples_lib.bucket_length(max(len(e['tokens']) for e in group), 128)
+            state, _ = step(state, examples_lib.pad_batch(group, tc.batch_size, length))
+        total = count = 0.0
+        for b in range(0, len(test_examples), 64):
+            batch = examples_lib.pad_batch(test_examples[b : b + 64], 64, 128)
+            n = float(batch['loss_mask'].sum())
+            total += float(eval_loss(state.params, batch['tokens'], batch['loss_mask'])) * n
+            count += n
+        tok = support.TokenIndex(support.featurize_tokens(
+            model, state.params, train_examples, os.path.join(work, f'table2_{name}'),
+            support.SupportConfig(seq_len=128, batch_size=16)))  # fmt: skip
+        new_support = (np.abs(tok.index.extra('alpha')) >= tau).any(axis=1)
+        rows[name] = {
+            'kept_tokens': int(keep.sum()),
+            'test_loss': total / count,
+            'support_in_new_set': int(new_support[keep].sum()),
+            'support_in_original_set': int(new_support.sum()),
+        }
+        print(f'[support] table2 full {name}: {rows[name]}', flush=True)
+    return rows
+
+
+def layer_features(model, params, examples, rows_by_example) -> list[np.ndarray]:
+    """Every block's output at the position before each target token, RMS-normalised
+    (no learned scale), then the final normed hidden: one [n, d] array per layer."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from trackstar_jax.models.decoder import DecoderBlock
+
+    def run(p, tokens):
+        outs = []
+
+        def grab(next_fun, args_, kwargs, context):
+            out = next_fun(*args_, **kwargs)
+            if isinstance(context.module, DecoderBlock) and context.method_name == '__call__':
+                outs.append(out)
+            return out
+
+        with nn.intercept_methods(grab):
+            model.apply({'params': p}, tokens)
+        rms = lambda h: h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6)  # noqa: E731
+        return [rms(h.astype(jnp.float32)) for h in outs]
+
+    run = jax.jit(run)
+    per_layer = None
+    for ex, positions in zip(examples, rows_by_example, strict=True):
+        if not len(positions):
+            continue
+        hs = run(params, jnp.asarray(np.asarray(ex['tokens'])[None]))
+        got = [np.asarray(h[0])[positions - 1] for h in hs]
+        per_layer = [[g] for g in got] if per_layer is None else [
+            a + [g] for a, g in zip(per_layer, got, strict=True)]  # fmt: skip
+    return [np.concatenate(a) for a in per_layer]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All analyses; returns the results dict."""
     from trackstar_jax import checkpoint, grads, support, train
@@ -269,8 +454,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  if '/' in k and not k.endswith('_ci')),
               flush=True)  # fmt: skip
     majority = float(max(y[split == 2].mean(), 1 - y[split == 2].mean()))
-    prefix = 'support_samples_quick' if args.quick else 'support_samples'
     figure5(probes, majority, os.path.join(harness.RESULTS_DIR, f'{prefix}_fig5.png'))
+
+    # Table 2: removing non-support samples (α, support status from the last checkpoint).
+    tau = args.label_tau
+    support_rows = _labels(tok, tau)
+    alpha_max = np.abs(idx.extra('alpha')).max(axis=1)
+    targets = idx.extra('target')[:, 0]
+    phi_all = idx.read(slice(0, len(idx)))
+    test_records = corpus_lib.load_corpus(limit=args.passages + args.test_passages)[args.passages :]
+    test_examples = examples_lib.corpus_examples(test_records, tokenizer, 128)
+    test_idx = support.featurize_tokens(last.model, last.params, test_examples,
+                                        os.path.join(work, 'tokens_test'), cfg)  # fmt: skip
+    phi_test, y_test = test_idx.read(slice(0, len(test_idx))), test_idx.extra('target')[:, 0]
+    subsets = removal_subsets(alpha_max, support_rows, seed=0)
+    vocab = int(idx.manifest['vocab_size'])
+    heads = table2_heads(phi_all, targets, phi_test, y_test, subsets, support_rows, vocab, tau,
+                         args)  # fmt: skip
+    number, names = tok.row_examples()
+    positions = np.array([support.split_row_id(r)[1] for r in idx.ids])
+    full = None
+    if args.retrain_steps:
+        by_name = {ex['id']: i for i, ex in enumerate(examples)}
+        row_example = np.array([by_name[names[k]] for k in number])
+        full = table2_full(examples, test_examples, subsets, row_example, positions, tau, args,
+                           work)  # fmt: skip
+
+    # Figure 6: a new head per layer; the share of non-support samples at each depth.
+    per_example = [positions[number == e] for e in range(len(names))]
+    by_name = {ex['id']: ex for ex in examples}
+    feats = layer_features(last.model, last.params, [by_name[n] for n in names], per_example)
+    layers = []
+    for j, x in enumerate(feats, 1):
+        w = fit_head(x, targets, np.ones(len(targets), bool), vocab, args.head_l2,
+                     args.head_epochs)  # fmt: skip
+        loss, sup = head_stats(w, x, targets, tau)
+        layers.append({'layer': j, 'train_loss': loss, 'non_support': int((~sup).sum()),
+                       'non_support_share': float((~sup).mean())})  # fmt: skip
+        print(f'[support] layer {j}: {layers[-1]}', flush=True)
     return {
         'benchmark': 'support_samples',
         'quick': args.quick,
@@ -291,6 +512,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             'correction, not unit-normalised',
             'by_checkpoint': probes,
         },
+        'table2': {
+            'tau': tau,
+            'soft_rule': 'token i kept with probability max_v |α_{i,v}| (stored α)',
+            'heads_only': {
+                'rows': heads,
+                'head': 'softmax regression on φ of the last checkpoint (body fixed), '
+                f'L2 {args.head_l2}, {args.head_epochs} epochs of Adam',
+                'test': f'{len(y_test)} target tokens of the next {len(test_records)} '
+                'passages (the body was trained on the whole corpus)',
+            },
+            'full_model': None
+            if full is None
+            else {
+                'rows': full,
+                'training': f'from scratch, {args.retrain_steps} steps of 16 passages, '
+                'Adafactor lr 1e-2, loss masked to the subset',
+            },
+        },
+        'layers': {
+            'tau': tau,
+            'features': 'each block output (RMS-normalised, no scale) at the context '
+            'position; a new softmax head per layer fitted on all tokens',
+            'rows': layers,
+        },
         'paper': PAPER,
         'figures': [f'{prefix}_fig1.png', f'{prefix}_fig5.png'],
         'wall_seconds': time.time() - t0,
@@ -305,10 +550,21 @@ def main(argv=None) -> None:
     parser.add_argument('--probe_tokens', type=int, default=6000)
     parser.add_argument('--probe_block_dim', type=int, default=256)
     parser.add_argument('--label_tau', type=float, default=0.9)
+    parser.add_argument('--test_passages', type=int, default=1024)
+    parser.add_argument('--head_epochs', type=int, default=6)
+    parser.add_argument('--head_l2', type=float, default=1e-6)
+    parser.add_argument(
+        '--retrain_steps',
+        type=int,
+        default=600,
+        help='steps of each from-scratch retraining (0 skips Table 2 b)',
+    )
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.passages, args.probe_tokens = min(args.passages, 1000), min(args.probe_tokens, 1500)
+        args.test_passages, args.head_epochs = 200, 2
+        args.retrain_steps = min(args.retrain_steps, 40)
     res = run(args)
     out = args.out or os.path.join(
         harness.RESULTS_DIR, 'support_samples_quick.json' if args.quick else 'support_samples.json'
