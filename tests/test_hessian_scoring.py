@@ -289,3 +289,26 @@ def test_k_above_n_on_eight_devices_returns_the_n_real_rows(tmp_path):
         for q in range(3):
             assert sorted(res.rows[q].tolist()) == list(range(5))
             assert sorted(res.opponent_rows[q].tolist()) == list(range(5))
+
+
+def test_streamed_chunk_sizes():
+    """Chunks never exceed the index, are multiples of the data axis, and on CPU keep
+    each device's shard within the staging size unless the caller lifts the cap."""
+    from trackstar_jax import streaming
+
+    class Fake:
+        def __init__(self, n, dim, dtype='float32'):
+            self.n, self.dim, self.manifest = n, dim, {'dtype': dtype}
+
+        def __len__(self):
+            return self.n
+
+    eight = shd.make_mesh(((shd.DATA, 8), (shd.MODEL, 1)))
+    one = shd.make_mesh(((shd.DATA, 1), (shd.MODEL, 1)), devices=jax.devices()[:1])
+    cap_rows = streaming.CPU_STAGE_BYTES // (16384 * 4)  # rows of 16,384 float32 per shard
+    assert streaming.chunk_rows_for(Fake(100, 8), eight, 4096) == 104  # the index, rounded
+    assert streaming.chunk_rows_for(Fake(10**6, 16384), one, 4096) == cap_rows
+    assert streaming.chunk_rows_for(Fake(10**6, 16384), eight, 4096) == 8 * cap_rows
+    assert streaming.chunk_rows_for(Fake(10**6, 16384, 'bfloat16'), one, 4096) == 2 * cap_rows
+    assert streaming.chunk_rows_for(Fake(10**6, 16384), one, 4096, cap_staging=False) == 4096
+    assert streaming.chunk_rows_for(Fake(10**6, 2**24), one, 4096) == 1  # at least a row
