@@ -293,7 +293,7 @@ def test_k_above_n_on_eight_devices_returns_the_n_real_rows(tmp_path):
 
 def test_streamed_chunk_sizes():
     """Chunks never exceed the index, are multiples of the data axis, and on CPU keep
-    each device's shard within the staging size unless the caller lifts the cap."""
+    each device's shard within the staging size."""
     from trackstar_jax import streaming
 
     class Fake:
@@ -310,5 +310,4 @@ def test_streamed_chunk_sizes():
     assert streaming.chunk_rows_for(Fake(10**6, 16384), one, 4096) == cap_rows
     assert streaming.chunk_rows_for(Fake(10**6, 16384), eight, 4096) == 8 * cap_rows
     assert streaming.chunk_rows_for(Fake(10**6, 16384, 'bfloat16'), one, 4096) == 2 * cap_rows
-    assert streaming.chunk_rows_for(Fake(10**6, 16384), one, 4096, cap_staging=False) == 4096
     assert streaming.chunk_rows_for(Fake(10**6, 2**24), one, 4096) == 1  # at least a row

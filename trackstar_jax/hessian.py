@@ -88,10 +88,7 @@ def autocorrelation(
     )()
     step = local_accumulator(mesh, nb, db)
     t0 = time.time()
-    # Not capped for staging: each step reads and writes the [B, d_b, d_b] running sums
-    # (268 MB at d_b = 4096), so fewer, larger chunks cost less than the staging faults
-    # the cap avoids (20K x 16,384 rows: 12.3 s in 1,024-row chunks, 15.9 s in 256-row).
-    chunk_rows = streaming.chunk_rows_for(idx, mesh, chunk_rows, cap_staging=False)
+    chunk_rows = streaming.chunk_rows_for(idx, mesh, chunk_rows)
     for i, (vecs, *_) in enumerate(streaming.stream_rows(idx, mesh, chunk_rows)):
         jax.block_until_ready(acc)  # at most two chunks in flight: flat memory
         acc = step(acc, vecs)  # padding rows are zero: they add nothing

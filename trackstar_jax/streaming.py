@@ -36,14 +36,14 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def chunk_rows_for(idx: Index, mesh: Mesh, chunk_rows: int, cap_staging: bool = True) -> int:
+def chunk_rows_for(idx: Index, mesh: Mesh, chunk_rows: int) -> int:
     """The rows per streamed chunk: ``chunk_rows`` at most, never more than the index
     (a 256-row index streamed in 4,096-row chunks would stage and transform 16x its own
-    size in zero rows), per-device shards under :data:`CPU_STAGE_BYTES` on CPU (unless
-    ``cap_staging`` is False), and a multiple of the data axis."""
+    size in zero rows), per-device shards under :data:`CPU_STAGE_BYTES` on CPU, and a
+    multiple of the data axis."""
     n_data = mesh.shape[shd.DATA]
     c = max(min(chunk_rows, len(idx)), 1)
-    if cap_staging and mesh.devices.flat[0].platform == 'cpu':
+    if mesh.devices.flat[0].platform == 'cpu':
         row_bytes = idx.dim * np.dtype(DTYPES[idx.manifest['dtype']]).itemsize
         c = min(c, n_data * max(1, CPU_STAGE_BYTES // row_bytes))
     return round_up(c, n_data)
