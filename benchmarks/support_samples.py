@@ -253,8 +253,9 @@ def fit_head(x, y, keep, vocab: int, lam: float, epochs: int, seed: int = 0):
     return w
 
 
-def head_stats(w, x, y, tau: float) -> tuple[float, np.ndarray]:
-    """(mean token loss, support status [n]) of rows (x, y) under head W."""
+def head_stats(w, x, y, tau: float) -> tuple[float, np.ndarray, float]:
+    """(mean token loss, support status [n], standard error of the mean loss) of rows
+    (x, y) under head W."""
     import jax
     import jax.numpy as jnp
 
@@ -272,7 +273,9 @@ def head_stats(w, x, y, tau: float) -> tuple[float, np.ndarray]:
         lo, su = chunk(jnp.asarray(x[b : b + 4096]), jnp.asarray(y[b : b + 4096]))
         losses.append(np.asarray(lo))
         support.append(np.asarray(su))
-    return float(np.concatenate(losses).mean()), np.concatenate(support)
+    per_token = np.concatenate(losses)
+    se = float(per_token.std() / np.sqrt(len(per_token)))
+    return float(per_token.mean()), np.concatenate(support), se
 
 
 def removal_subsets(alpha_max: np.ndarray, support: np.ndarray, seed: int) -> dict[str, Any]:
@@ -296,11 +299,12 @@ def table2_heads(phi, y, phi_test, y_test, subsets, support, vocab, tau, args):
     rows = {}
     for name, keep in subsets.items():
         w = fit_head(phi, y, keep, vocab, args.head_l2, args.head_epochs)
-        test_loss, _ = head_stats(w, phi_test, y_test, tau)
-        _, new_support = head_stats(w, phi, y, tau)
+        test_loss, _, se = head_stats(w, phi_test, y_test, tau)
+        _, new_support, _ = head_stats(w, phi, y, tau)
         rows[name] = {
             'kept_tokens': int(keep.sum()),
             'test_loss': test_loss,
+            'test_loss_se': se,
             'support_in_new_set': [int(support[keep].sum()), int(new_support[keep].sum())],
             'support_in_original_set': [int(support.sum()), int(new_support.sum())],
         }
@@ -328,7 +332,7 @@ def table2_full(train_examples, test_examples, subsets, row_example, row_pos, ta
         learning_rate=1e-2, min_dim_size_to_factor=128,
     )  # fmt: skip
     tx = train.make_optimizer(tc)
-    eval_loss = jax.jit(lambda p, t, m: losses.mean_token_loss(model.apply({'params': p}, t), t, m))
+    token_nll = jax.jit(lambda p, t: -losses.target_log_probs(model.apply({'params': p}, t), t))
     rows = {}
     for name, keep in subsets.items():
         masks = [np.zeros(len(ex['tokens']), np.float32) for ex in train_examples]
@@ -343,19 +347,20 @@ def table2_full(train_examples, test_examples, subsets, row_example, row_pos, ta
             group = [data[i] for i in rng.choice(len(data), tc.batch_size, replace=False)]
             length = examples_lib.bucket_length(max(len(e['tokens']) for e in group), 128)
             state, _ = step(state, examples_lib.pad_batch(group, tc.batch_size, length))
-        total = count = 0.0
+        nll = []
         for b in range(0, len(test_examples), 64):
             batch = examples_lib.pad_batch(test_examples[b : b + 64], 64, 128)
-            n = float(batch['loss_mask'].sum())
-            total += float(eval_loss(state.params, batch['tokens'], batch['loss_mask'])) * n
-            count += n
+            per = np.asarray(token_nll(state.params, batch['tokens']))
+            nll.append(per[batch['loss_mask'] > 0])
+        nll = np.concatenate(nll)
         tok = support.TokenIndex(support.featurize_tokens(
             model, state.params, train_examples, os.path.join(work, f'table2_{name}'),
             support.SupportConfig(seq_len=128, batch_size=16)))  # fmt: skip
         new_support = (np.abs(tok.index.extra('alpha')) >= tau).any(axis=1)
         rows[name] = {
             'kept_tokens': int(keep.sum()),
-            'test_loss': total / count,
+            'test_loss': float(nll.mean()),
+            'test_loss_se': float(nll.std() / np.sqrt(len(nll))),
             'support_in_new_set': int(new_support[keep].sum()),
             'support_in_original_set': int(new_support.sum()),
         }
@@ -488,7 +493,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for j, x in enumerate(feats, 1):
         w = fit_head(x, targets, np.ones(len(targets), bool), vocab, args.head_l2,
                      args.head_epochs)  # fmt: skip
-        loss, sup = head_stats(w, x, targets, tau)
+        loss, sup, _ = head_stats(w, x, targets, tau)
         layers.append({'layer': j, 'train_loss': loss, 'non_support': int((~sup).sum()),
                        'non_support_share': float((~sup).mean())})  # fmt: skip
         print(f'[support] layer {j}: {layers[-1]}', flush=True)
@@ -542,6 +547,97 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _pct(x: float) -> str:
+    return f'{100 * x:.1f}%'
+
+
+def readme_table(res: dict[str, Any]) -> str:
+    """The README's support-samples section: the paper's numbers beside ours."""
+    c5, c9 = res['counts']['0.5'], res['counts']['0.9']
+    p = res['probe']
+    last, init = p['by_checkpoint'][-1], p['by_checkpoint'][0]
+
+    def acc(entry, key):
+        lo, hi = entry[key + '_ci']
+        return f'{100 * entry[key]:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]'
+
+    few = lambda c: c['tokens_with_fewer_than_10'] / max(c['tokens_with_support'], 1)  # noqa: E731
+    lines = [
+        f'From `{res["command"]}` ({res["timestamp"][:10]}): the demo model (4 layers, width '
+        f'{res["model"]["d_model"]}) trained from scratch, the {res["passages"]:,} first '
+        f'corpus passages ({c9["target_tokens"]:,} target tokens) at its last checkpoint. '
+        'Classifier accuracies on a test split of '
+        f'{p["split_sizes"][2]} tokens with 95% Wilson intervals; labels: support status at '
+        f'τ = {p["label_tau"]} (majority class {_pct(p["majority_test_accuracy"])}).',
+        '',
+        '| | paper (GPT-2 117M, wikitext-2) | ours |',
+        '|---|---|---|',
+        f'| support samples, share of training tokens | 54% (τ = 0.9) | '
+        f'{_pct(c9["support_share"])} (τ = 0.9), {_pct(c5["support_share"])} (τ = 0.5) |',
+        f'| tokens v with < 10 support samples | 58% | {_pct(few(c9))} (τ = 0.9) |',
+        f'| Type-1 / Type-2 memberships (τ = 0.9) | — | {c9["type1_memberships"]:,} / '
+        f'{c9["type2_memberships"]:,} |',
+        f'| support status from θ(0), MLP on projected gradient | ~80% | '
+        f'{acc(init, "gradient/mlp")} |',
+        f'| support status from the last checkpoint, same | ~85% | {acc(last, "gradient/mlp")} |',
+        f'| same, MLP on the last hidden state (θ(0) / last) | ~65% at best | '
+        f'{acc(init, "last_hidden/mlp")} / {acc(last, "last_hidden/mlp")} |',
+    ]
+    paper_heads = {'original': 5.08, 'hard': 5.64, 'soft': 5.13, 'random': 5.18}
+    paper_full = {'original': 5.08, 'hard': 6.57, 'soft': 5.69, 'random': 5.47}
+    heads = res['table2']['heads_only']['rows']
+    full = (res['table2'].get('full_model') or {}).get('rows', {})
+    for name in ('original', 'hard', 'soft', 'random'):
+        h = heads[name]
+        whole = full.get(name)
+        whole_loss = '—' if whole is None else f'{whole["test_loss"]:.2f}'
+        lines.append(
+            f'| test loss, {name} set: heads only / whole model | {paper_heads[name]} / '
+            f'{paper_full[name]} | {h["test_loss"]:.2f} / {whole_loss} |'
+        )
+    layers = res['layers']['rows']
+    lines.append(
+        '| non-support share by layer (new head per layer) | rises with depth | '
+        + ' → '.join(_pct(r['non_support_share']) for r in layers)
+        + ' |'
+    )
+
+    def order(rows):
+        """Names by test loss; '≈' where neighbours differ by < 2 standard errors."""
+        names = sorted(rows, key=lambda n: rows[n]['test_loss'])
+        out = names[0]
+        for a, b in zip(names, names[1:], strict=False):
+            gap = rows[b]['test_loss'] - rows[a]['test_loss']
+            se = np.hypot(rows[a].get('test_loss_se', 0.0), rows[b].get('test_loss_se', 0.0))
+            out += (' ≈ ' if gap < 2 * se else ' < ') + b
+        return out
+
+    margin = last['gradient/mlp_ci'][0] - p['majority_test_accuracy']
+    lines += [
+        '',
+        f'Test-loss order (≈: within 2 standard errors), heads only: {order(heads)} (paper: '
+        'original < soft < random < hard)'
+        + (
+            f'; whole model: {order(full)} (paper: original < random < soft < hard).'
+            if full
+            else '.'
+        ),  # fmt: skip
+        f"Where the scale disagrees: {_pct(c9['support_share'])} of the demo model's "
+        'training tokens are support samples (paper 54%), '
+        f'{_pct(c9["type2_memberships"] / max(c9["type1_memberships"], 1))} as many Type-2 as '
+        'Type-1 memberships (the model is rarely confident in a wrong token); a '
+        f'classifier must beat the majority class ({_pct(p["majority_test_accuracy"])}), and '
+        "the last checkpoint's gradient MLP does so "
+        + ('beyond its interval.' if margin > 0 else 'only within its interval.'),
+    ]
+    return '\n'.join(lines) + '\n'
+
+
+def write_readme(res: dict[str, Any], check: bool = False) -> bool:
+    """Puts :func:`readme_table` in the README (with ``check``: only compares)."""
+    return harness.readme_section('support_samples', readme_table(res), check=check)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--quick', action='store_true')
@@ -560,7 +656,16 @@ def main(argv=None) -> None:
         help='steps of each from-scratch retraining (0 skips Table 2 b)',
     )
     parser.add_argument('--out', default=None)
+    parser.add_argument(
+        '--readme_only',
+        action='store_true',
+        help='rewrite the README section from the committed JSON',
+    )
     args = parser.parse_args(argv)
+    if args.readme_only:
+        with open(os.path.join(harness.RESULTS_DIR, 'support_samples.json')) as f:
+            write_readme(json.load(f))
+        return
     if args.quick:
         args.passages, args.probe_tokens = min(args.passages, 1000), min(args.probe_tokens, 1500)
         args.test_passages, args.head_epochs = 200, 2
@@ -570,6 +675,9 @@ def main(argv=None) -> None:
         harness.RESULTS_DIR, 'support_samples_quick.json' if args.quick else 'support_samples.json'
     )
     harness.write_result(out, res)
+    if not args.quick and not args.out:
+        with open(out) as f:
+            write_readme(json.load(f))  # the stored JSON: its command and timestamp
     print(json.dumps({k: res[k] for k in ('counts', 'probe')}, indent=1)[:4000])
     print(f'results: {out}')
 

@@ -154,6 +154,23 @@ def test_readme_fact_tracing_table_is_generated_from_the_benchmark_json():
     assert module.write_readme(result, check=True), 'run benchmarks/fact_tracing.py --readme_only'
 
 
+def test_readme_support_samples_table_is_generated_from_the_benchmark_json():
+    """The README's support-samples table is the committed benchmark JSON's."""
+    import importlib.util
+    import json
+
+    path = os.path.join(ROOT, 'benchmarks', 'support_samples.py')
+    spec = importlib.util.spec_from_file_location('support_samples_benchmark', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(ROOT, 'benchmarks', 'results', 'support_samples.json')) as f:
+        result = json.load(f)
+    assert result['quick'] is False and result['table2']['full_model'] is not None
+    assert module.write_readme(result, check=True), (
+        'run python benchmarks/support_samples.py --readme_only'
+    )
+
+
 def test_readme_cost_table_is_generated_from_the_benchmark_jsons():
     """The README's costs table is the committed train_index / vs_bergson / pipeline JSONs'."""
     out = subprocess.run(
