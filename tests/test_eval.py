@@ -241,6 +241,7 @@ def test_user_supplied_facts_and_corpus(tmp_path):
             loaded.model, loaded.params, q))  # fmt: skip
         top = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (-sc[i], ids[i]))[:3]]
         assert out['rankings']['Representer points'][q['id']] == top
+    assert 'Support samples: training tokens that most promote / deter' in html
     md = open(tmp_path / 'eval' / 'results.md').read()
     assert '| Toy |' in md and 'Recall@3' in md and 'Recall@10' not in md  # the k used
 

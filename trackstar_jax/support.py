@@ -633,6 +633,13 @@ def representer_scores(
     return examples, out
 
 
+def token_context(example: Mapping[str, Any], position: int, decode: Any, window: int = 12):
+    """(the text of the ``window`` tokens before ``position``, the token there), decoded
+    with ``decode`` (a tokenizer's ids -> str); the leading EOS is not shown."""
+    toks = [int(t) for t in np.asarray(example['tokens'])]
+    return decode(toks[max(1, position - window) : position]), decode(toks[position : position + 1])
+
+
 def completion_features(
     model: nn.Module, params: Any, example: Mapping[str, Any], projection: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

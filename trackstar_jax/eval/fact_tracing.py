@@ -217,11 +217,14 @@ def _gradient_indices(loaded, spec, data, config, mesh, root):
     return get
 
 
-def _representer_ranking(loaded, spec, data, config, mesh, root, k) -> dict[str, list[str]]:
+def _representer_ranking(
+    loaded, spec, data, config, mesh, root, k, tokenizer
+) -> tuple[dict[str, list[str]], dict[str, dict]]:
     """Representer points (support-samples seed, the tutorial's representer row): the
     candidates' token index at the checkpoint, each query's completion scored against
     every candidate by Σ α_{i,v_t}⟨φ_i, φ′_t⟩ (:func:`support.representer_scores`);
-    exact top-k, ties by id."""
+    exact top-k, ties by id. Also, per query, the training tokens that most promote and
+    most deter its first completion token (for report.html)."""
     tag = _content_tag(loaded, spec, config, data)
     cfg = support.SupportConfig(seq_len=config.seq_len, batch_size=config.batch_size)
     url = os.path.join(root, f'representer_{tag}')
@@ -231,13 +234,30 @@ def _representer_ranking(loaded, spec, data, config, mesh, root, k) -> dict[str,
             loaded.model, loaded.params, data.candidates, url, cfg, mesh=mesh, manifest_extra=extra
         )  # fmt: skip
     )
-    out = {}
+    out, tokens_of = {}, {}
+    by_id = {ex['id']: ex for ex in data.candidates}
+
+    def side(ids, scores):
+        rows = []
+        for rid, score in zip(ids, scores, strict=True):
+            ex_id, pos = support.split_row_id(rid)
+            context, token = support.token_context(by_id[ex_id], pos, tokenizer.decode)
+            rows.append({'passage': ex_id, 'context': context, 'token': token,
+                         'score': float(score)})  # fmt: skip
+        return rows
+
     for q in data.queries:
         phis, tokens = support.completion_features(loaded.model, loaded.params, q)
         ids, scores = support.representer_scores(tok, phis, tokens)
         order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))[:k]
         out[q['id']] = [ids[i] for i in order]
-    return out
+        c = tok.contributions(int(tokens[0]), phis[0], k)
+        tokens_of[q['id']] = {
+            'token': tokenizer.decode([int(tokens[0])]),
+            'promote': side(c.promote_ids, c.promote_scores),
+            'deter': side(c.deter_ids, c.deter_scores),
+        }
+    return out, tokens_of
 
 
 def sweep_indices(train, queries, block_dim: int, root: str):
@@ -448,6 +468,7 @@ def evaluate(
         return dict(zip(res.query_ids, res.ids, strict=True)), info, pre
 
     rankings: dict[str, dict[str, list[str]]] = {}
+    support_tokens: dict[str, dict] = {}
     info: dict[str, dict] = {}
     t_methods = time.time()
     for i, m in enumerate(methods, 1):
@@ -459,8 +480,8 @@ def evaluate(
             if pre.kind != 'none' and jax.process_index() == 0:
                 pre.save(os.path.join(workdir, 'preconditioners', _slug(m.name)))
         elif m.kind == 'representer':
-            rankings[m.name] = _representer_ranking(
-                loaded, spec, data, config, mesh, os.path.join(workdir, 'indices'), k
+            rankings[m.name], support_tokens = _representer_ranking(
+                loaded, spec, data, config, mesh, os.path.join(workdir, 'indices'), k, tokenizer
             )
         else:
             rankings[m.name] = _baseline_ranking(m, data, k)
@@ -572,6 +593,7 @@ def evaluate(
             p_target,
             texts,
             {n: dict(zip(r.query_ids, r.opponent_ids, strict=True)) for n, r in scored.items()},
+            support_tokens,
         )
         report.write_all(workdir, results, details, config.html_queries, k)
     return results

@@ -249,6 +249,9 @@ class QueryDetails:
       p_target: query id -> p(target) before any step.
       texts: candidate id -> its text.
       opponents: method -> query id -> opponent ids, most negative first.
+      support: query id -> {'token', 'promote', 'deter'}: the training tokens whose
+        representer contributions most raise / lower the logit of the query's first
+        completion token (each {'passage', 'context', 'token', 'score'}).
     """
 
     facts: list[dict]
@@ -260,6 +263,31 @@ class QueryDetails:
     p_target: dict[str, float]
     texts: dict[str, str]
     opponents: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
+    support: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+def _support_html(sup: dict, texts: dict[str, str]) -> str:
+    """Promoting and deterring training tokens of one query, side by side."""
+    e = html.escape
+    rows = []
+    for i in range(max(len(sup['promote']), len(sup['deter']))):
+        cells = []
+        for side, cls in (('promote', 'ent'), ('deter', 'opp')):
+            if i >= len(sup[side]):
+                cells.append('<td></td>')
+                continue
+            r = sup[side][i]
+            cells.append(
+                f'<td class="{cls}" title="{e(texts.get(r["passage"], "")[:400])}">'
+                f'…{e(r["context"])}<u>{e(r["token"])}</u> <small>(<code>{e(r["passage"])}'
+                f'</code>, {r["score"]:+.3g})</small></td>'
+            )
+        rows.append(f'<tr><td>{i + 1}</td>{"".join(cells)}</tr>')
+    return (
+        '<details><summary>Support samples: training tokens that most promote / deter '
+        f'the first answer token "{e(sup["token"])}" (α⟨φ, φ′⟩)</summary><table><tr><th>#'
+        '</th><th>promoting</th><th>deterring</th></tr>' + ''.join(rows) + '</table></details>'
+    )
 
 
 def html_page(
@@ -341,6 +369,9 @@ def html_page(
                     )
                     + '</table></details>'
                 )
+        sup = d_.support.get(q)
+        if sup:
+            parts.append(_support_html(sup, texts))
         top = {pid for m in names for pid in rankings[m].get(q, [])[:k]}
         parts.append(
             '<details><summary>Passages retrieved for this query</summary><table>'

@@ -14,7 +14,6 @@ import json
 from typing import Any
 
 import gin
-import numpy as np
 
 from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
@@ -124,15 +123,15 @@ def _side(ids, scores, alphas, examples, tokenizer, texts) -> list[dict[str, Any
     for rid, score, alpha in zip(ids, scores, alphas, strict=True):
         ex_id, pos = support.split_row_id(rid)
         ex = examples.rows(by_id[ex_id], by_id[ex_id] + 1)[0]
-        toks = list(np.asarray(ex['tokens']))
+        context, token = support.token_context(ex, pos, tokenizer.decode)
         rows.append(
             {
                 'row': rid,
                 'passage': ex_id,
                 'score': float(score),
                 'alpha': float(alpha),
-                'context': tokenizer.decode(toks[max(1, pos - 12) : pos]),
-                'token': tokenizer.decode(toks[pos : pos + 1]),
+                'context': context,
+                'token': token,
                 'text': texts.get(ex_id, '')[:300],
             }
         )
