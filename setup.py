@@ -29,7 +29,8 @@ EXTRAS = {
     'tpu': ['jax[tpu]>=0.10.0,<0.13'],
     # grain data sources (ArrayRecord) for pod inputs; no TensorFlow.
     'grain': ['grain>=0.2.18,<0.3', 'array-record>=0.8.6,<0.9'],
-    'dev': ['pytest>=8', 'ruff>=0.6'],
+    # scipy (a jax dependency) gives the tests their float64 L-BFGS reference.
+    'dev': ['pytest>=8', 'ruff>=0.6', 'scipy>=1.11'],
 }
 
 # Everything the test suite exercises (the README's setup command installs it).
