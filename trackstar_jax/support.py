@@ -14,14 +14,15 @@ A *token index* stores one row per target token (row id ``<example>#<position>``
 example order; chunks of fixed size, resumable and checksummed as any index): φ as the
 row's vector and two side columns,
 
-    target [1 + m] int32    y_i, then the m most probable other tokens (−1: none)
+    target [1 + m] int32    y_i, then every other v with p(v | x_i) ≥ the floor, most
+                            probable first (−1: an empty slot)
     alpha  [1 + m] float32  1 − p(y_i | x_i), then −p(v | x_i) for those tokens
 
-α is dense over the vocabulary but tiny almost everywhere: the
-index keeps every v with p(v | x_i) ≥ ``alpha_floor`` in m = min(⌊1 / floor⌋, V − 1)
-slots, enough for all of them (at most 1 / floor tokens can each have p ≥ floor). What is
-dropped is α_{i,v} ∈ (−floor, 0) for y_i ≠ v, so support sets at any τ ≥ floor are exact,
-and a dropped token's contribution to a score is below floor · ‖φ_i‖ · ‖φ′‖ in magnitude
+α is dense over the vocabulary but tiny almost everywhere: the index keeps every v with
+p(v | x_i) ≥ ``alpha_floor`` in m = min(⌊1 / floor⌋, V − 1) slots, enough for all of
+them (at most 1 / floor tokens can each have p ≥ floor). What is dropped is
+α_{i,v} ∈ (−floor, 0) for y_i ≠ v, so support sets at any τ ≥ floor are exact, and a
+dropped token's contribution to a score is below floor · ‖φ_i‖ · ‖φ′‖ in magnitude
 (:attr:`Contributions.dropped_bound` states it for each query).
 
 ``by_token/`` beside the rows is the index keyed by v: every stored (row, α) with that
