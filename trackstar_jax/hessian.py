@@ -88,12 +88,11 @@ def autocorrelation(
     )()
     step = local_accumulator(mesh, nb, db)
     t0 = time.time()
-    chunk_rows = streaming.chunk_rows_for(idx, mesh, chunk_rows)
     for i, (vecs, *_) in enumerate(streaming.stream_rows(idx, mesh, chunk_rows)):
         jax.block_until_ready(acc)  # at most two chunks in flight: flat memory
         acc = step(acc, vecs)  # padding rows are zero: they add nothing
         if i % 16 == 0:
-            done = min((i + 1) * chunk_rows, len(idx))
+            done = min((i + 1) * vecs.shape[0], len(idx))
             logging.info(
                 'R from %s: %d/%d rows, %.0f rows/s',
                 idx.path,

@@ -369,14 +369,13 @@ def score(
         queries = query_transform(mesh, preconditioner.kind, config.unit_norm)(raw_queries, arrays)
         step = make_chunk_scorer(mesh, k, preconditioner.kind, config.unit_norm, opponents)
     t0 = time.time()
-    chunk_rows = streaming.chunk_rows_for(train, mesh, config.chunk_rows)
-    chunks = streaming.stream_rows(train, mesh, chunk_rows, rank=id_ranks(train.ids))
+    chunks = streaming.stream_rows(train, mesh, config.chunk_rows, rank=id_ranks(train.ids))
     for i, (vecs, valid, rows, ranks) in enumerate(chunks):
         # At most two chunks in flight: memory stays flat however long the index is.
         jax.block_until_ready(state)
         state = step(state, queries, vecs, valid, ranks, rows, arrays)
         if i % 16 == 0:
-            done = min((i + 1) * chunk_rows, len(train))
+            done = min((i + 1) * vecs.shape[0], len(train))
             rate = done / max(time.time() - t0, 1e-9)
             logging.info(
                 'Scoring %d queries: %d/%d train rows, %.0f rows/s, ETA %.0fs',
@@ -479,17 +478,18 @@ def score_summed(
         for a, dt in ((group, np.int32), (weight, np.float32), (example, np.int32))
     ]
     t0 = time.time()
-    chunk_rows = streaming.chunk_rows_for(train, mesh, config.chunk_rows)
-    for i, (vecs, valid, rows, _) in enumerate(streaming.stream_rows(train, mesh, chunk_rows)):
+    for i, (vecs, valid, rows, _) in enumerate(
+        streaming.stream_rows(train, mesh, config.chunk_rows)
+    ):
         jax.block_until_ready(acc)
         safe = jnp.clip(rows, 0, len(train) - 1)
         acc = step(acc, qs, vecs, valid, *(a[safe] for a in per_row))
         if i % 16 == 0:
             logging.info(
                 'Summed scores: %d/%d rows, %.0f rows/s',
-                min((i + 1) * chunk_rows, len(train)),
+                min((i + 1) * vecs.shape[0], len(train)),
                 len(train),
-                min((i + 1) * chunk_rows, len(train)) / max(time.time() - t0, 1e-9),
+                min((i + 1) * vecs.shape[0], len(train)) / max(time.time() - t0, 1e-9),
             )
     totals = np.asarray(jax.device_get(acc))
 
