@@ -498,8 +498,7 @@ class TokenIndex:
         """
         n = len(self.targets())
         out = np.zeros((self.vocab_size, self.index.dim))
-        counts = np.diff(self.by_token['offsets'])
-        tokens = np.repeat(np.arange(self.vocab_size), counts)
+        tokens = self.entry_tokens()
         rows, alpha = self.by_token['rows'], self.by_token['alpha'].astype(np.float64)
         step = 1 << 16
         for a in range(0, len(rows), step):
@@ -509,6 +508,10 @@ class TokenIndex:
             phis[order] = self.index.read(r[order])
             np.add.at(out, tokens[a : a + step], alpha[a : a + step, None] * phis)
         return out / (2.0 * n * lam)
+
+    def entry_tokens(self) -> np.ndarray:
+        """v of every by-token entry (aligned with ``by_token['rows']`` / ``['alpha']``)."""
+        return np.repeat(np.arange(self.vocab_size), np.diff(self.by_token['offsets']))
 
     def targets(self) -> np.ndarray:
         """Rows that are target tokens (all of them; int [N])."""
@@ -585,8 +588,7 @@ def summary(tok: TokenIndex, tau: float = 0.5, top: int = 10) -> dict[str, Any]:
     is_support = (alpha[targets] >= tau).any(axis=1)
     a = tok.by_token['alpha']
     sizes = np.zeros(tok.vocab_size, np.int64)
-    counts = np.diff(tok.by_token['offsets'])
-    tokens = np.repeat(np.arange(tok.vocab_size), counts)
+    tokens = tok.entry_tokens()
     member = np.abs(a) >= tau
     np.add.at(sizes, tokens[member], 1)
     seen = np.flatnonzero(
@@ -639,6 +641,26 @@ def token_context(example: Mapping[str, Any], position: int, decode: Any, window
     with ``decode`` (a tokenizer's ids -> str); the leading EOS is not shown."""
     toks = [int(t) for t in np.asarray(example['tokens'])]
     return decode(toks[max(1, position - window) : position]), decode(toks[position : position + 1])
+
+
+def describe(c: Contributions, example_of: Any, decode: Any) -> dict[str, Any]:
+    """Contributions as rows a person reads: {'promote', 'deter'}, each row {'row',
+    'passage', 'score', 'alpha', 'context', 'token'} (``example_of(example id)`` gives
+    the example a row came from, ``decode`` a tokenizer's ids -> str)."""
+
+    def side(ids, scores, alphas):
+        rows = []
+        for rid, score, alpha in zip(ids, scores, alphas, strict=True):
+            ex_id, pos = split_row_id(rid)
+            context, token = token_context(example_of(ex_id), pos, decode)
+            rows.append({'row': rid, 'passage': ex_id, 'score': float(score),
+                         'alpha': float(alpha), 'context': context, 'token': token})  # fmt: skip
+        return rows
+
+    return {
+        'promote': side(c.promote_ids, c.promote_scores, c.promote_alpha),
+        'deter': side(c.deter_ids, c.deter_scores, c.deter_alpha),
+    }
 
 
 def completion_features(

@@ -236,16 +236,6 @@ def _representer_ranking(
     )
     out, tokens_of = {}, {}
     by_id = {ex['id']: ex for ex in data.candidates}
-
-    def side(ids, scores):
-        rows = []
-        for rid, score in zip(ids, scores, strict=True):
-            ex_id, pos = support.split_row_id(rid)
-            context, token = support.token_context(by_id[ex_id], pos, tokenizer.decode)
-            rows.append({'passage': ex_id, 'context': context, 'token': token,
-                         'score': float(score)})  # fmt: skip
-        return rows
-
     for q in data.queries:
         phis, tokens = support.completion_features(loaded.model, loaded.params, q)
         ids, scores = support.representer_scores(tok, phis, tokens)
@@ -254,8 +244,7 @@ def _representer_ranking(
         c = tok.contributions(int(tokens[0]), phis[0], k)
         tokens_of[q['id']] = {
             'token': tokenizer.decode([int(tokens[0])]),
-            'promote': side(c.promote_ids, c.promote_scores),
-            'deter': side(c.deter_ids, c.deter_scores),
+            **support.describe(c, by_id.__getitem__, tokenizer.decode),
         }
     return out, tokens_of
 

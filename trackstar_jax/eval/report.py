@@ -266,8 +266,9 @@ class QueryDetails:
     support: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
-def _support_html(sup: dict, texts: dict[str, str]) -> str:
-    """Promoting and deterring training tokens of one query, side by side."""
+def support_table_html(sup: dict, texts: dict[str, str]) -> str:
+    """Rows of promoting and deterring training tokens (``support.describe``), side by
+    side; hovering a cell shows its passage (``texts``)."""
     e = html.escape
     rows = []
     for i in range(max(len(sup['promote']), len(sup['deter']))):
@@ -280,13 +281,20 @@ def _support_html(sup: dict, texts: dict[str, str]) -> str:
             cells.append(
                 f'<td class="{cls}" title="{e(texts.get(r["passage"], "")[:400])}">'
                 f'…{e(r["context"])}<u>{e(r["token"])}</u> <small>(<code>{e(r["passage"])}'
-                f'</code>, {r["score"]:+.3g})</small></td>'
+                f'</code>, {r["score"]:+.3g}, α {r["alpha"]:+.3f})</small></td>'
             )
         rows.append(f'<tr><td>{i + 1}</td>{"".join(cells)}</tr>')
+    head = '<table><tr><th>#</th><th>promoting</th><th>deterring</th></tr>'
+    return head + ''.join(rows) + '</table>'
+
+
+def _support_html(sup: dict, texts: dict[str, str]) -> str:
+    """One query's support-samples section of report.html."""
     return (
         '<details><summary>Support samples: training tokens that most promote / deter '
-        f'the first answer token "{e(sup["token"])}" (α⟨φ, φ′⟩)</summary><table><tr><th>#'
-        '</th><th>promoting</th><th>deterring</th></tr>' + ''.join(rows) + '</table></details>'
+        f'the first answer token "{html.escape(sup["token"])}" (α⟨φ, φ′⟩)</summary>'
+        + support_table_html(sup, texts)
+        + '</details>'
     )
 
 

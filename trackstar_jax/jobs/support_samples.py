@@ -20,6 +20,7 @@ from trackstar_jax import sharding as shd
 from trackstar_jax import support
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import examples as examples_lib
+from trackstar_jax.eval import report
 from trackstar_jax.jobs.attribution import DEFAULT_MESH, MeshAxes, resolve
 from trackstar_jax.jobs.common import checkpoint_tokenizer, load_model
 
@@ -78,7 +79,11 @@ def support_samples(
     facts = corpus_lib.load_facts(facts_path)[:max_queries]
     prompts = [[tokenizer.eos_id, *tokenizer.encode(f['prompt'])] for f in facts]
     phis = support.prompt_features(loaded.model, loaded.params, prompts, proj)
-    texts = {r['id']: r['text'] for r in records}
+    number = {e: i for i, e in enumerate(examples.ids)}
+
+    def example_of(ex_id):
+        return examples.rows(number[ex_id], number[ex_id] + 1)[0]
+
     queries = []
     for f, phi in zip(facts, phis, strict=True):
         v = tokenizer.encode(f['target'])[0]
@@ -95,12 +100,7 @@ def support_samples(
                 'support_type2': len(s.type2_ids),
                 'total': c.total,
                 'dropped_bound': c.dropped_bound,
-                'promote': _side(
-                    c.promote_ids, c.promote_scores, c.promote_alpha, examples, tokenizer, texts
-                ),  # fmt: skip
-                'deter': _side(
-                    c.deter_ids, c.deter_scores, c.deter_alpha, examples, tokenizer, texts
-                ),  # fmt: skip
+                **support.describe(c, example_of, tokenizer.decode),
             }
         )
     out = {
@@ -112,33 +112,12 @@ def support_samples(
     }
     json_url = url.rstrip('/') + '.json'
     index_lib.write_text(json_url, json.dumps(out, indent=1))
-    index_lib.write_text(url.rstrip('/') + '.html', html_page(out))
+    texts = {r['id']: r['text'] for r in records}
+    index_lib.write_text(url.rstrip('/') + '.html', html_page(out, texts))
     return json_url
 
 
-def _side(ids, scores, alphas, examples, tokenizer, texts) -> list[dict[str, Any]]:
-    """Each contributing token with its passage, position and a window of context."""
-    rows = []
-    by_id = {e: i for i, e in enumerate(examples.ids)}
-    for rid, score, alpha in zip(ids, scores, alphas, strict=True):
-        ex_id, pos = support.split_row_id(rid)
-        ex = examples.rows(by_id[ex_id], by_id[ex_id] + 1)[0]
-        context, token = support.token_context(ex, pos, tokenizer.decode)
-        rows.append(
-            {
-                'row': rid,
-                'passage': ex_id,
-                'score': float(score),
-                'alpha': float(alpha),
-                'context': context,
-                'token': token,
-                'text': texts.get(ex_id, '')[:300],
-            }
-        )
-    return rows
-
-
-def html_page(out: dict[str, Any]) -> str:
+def html_page(out: dict[str, Any], texts: dict[str, str]) -> str:
     """Support counts and, per query, promoting and deterring tokens side by side."""
     e = html.escape
     c = out['counts']
@@ -146,7 +125,7 @@ def html_page(out: dict[str, Any]) -> str:
         '<!doctype html><meta charset="utf-8"><title>trackstar_jax support samples</title>',
         '<style>body{font-family:sans-serif;max-width:1200px;margin:auto}'
         'td{vertical-align:top;padding:2px 6px;font-size:90%}'
-        '.pro{background:#e8f5e9}.det{background:#ffebee}b.t{text-decoration:underline}</style>',
+        '.ent{background:#e8f5e9}.opp{background:#ffebee}</style>',
         '<h1>Support samples of next-word prediction</h1>',
         f'<p>{c["target_tokens"]:,} training target tokens; at τ = {c["tau"]}: '
         f'{c["support_samples"]:,} support samples ({100 * c["support_share"]:.1f}%), '
@@ -163,20 +142,6 @@ def html_page(out: dict[str, Any]) -> str:
             f'<h3>{e(q["prompt"])}<u>{e(q["target"])}</u> <small>(v = {q["token"]} '
             f'"{e(q["token_text"])}": {q["support_type1"]} Type-1, {q["support_type2"]} '
             f'Type-2 support samples; dropped tokens |score| &lt; {q["dropped_bound"]:.3g})'
-            '</small></h3><table><tr><th>#</th><th>promoting</th><th>deterring</th></tr>'
+            '</small></h3>' + report.support_table_html(q, texts)
         )
-        for i in range(max(len(q['promote']), len(q['deter']))):
-            cells = []
-            for side, cls in (('promote', 'pro'), ('deter', 'det')):
-                if i >= len(q[side]):
-                    cells.append('<td></td>')
-                    continue
-                r = q[side][i]
-                cells.append(
-                    f'<td class="{cls}" title="{e(r["text"])}">…{e(r["context"])}'
-                    f'<b class="t">{e(r["token"])}</b> <small>({e(r["passage"])}, '
-                    f'score {r["score"]:+.3g}, α {r["alpha"]:+.3f})</small></td>'
-                )
-            parts.append(f'<tr><td>{i + 1}</td>{"".join(cells)}</tr>')
-        parts.append('</table>')
     return '\n'.join(parts)
