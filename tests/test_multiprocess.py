@@ -183,3 +183,58 @@ def test_four_processes_equal_one_read_their_rows_and_survive_a_kill(tmp_path):
     np.testing.assert_array_equal(resumed.norms(), ref.norms())
     np.testing.assert_array_equal(resumed.num_targets(), ref.num_targets())
     np.testing.assert_array_equal(np.load(killed / 'result.npz')['rows'], got['rows'])
+
+
+SUPPORT_WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'support_worker.py')
+
+
+@pytest.mark.fault(
+    'One process of two SIGKILLed while building a token index',
+    "Both restarted with the same command: the index equals one process's, byte for byte",
+)
+def test_two_process_token_index_equals_one_process_and_survives_a_kill(tmp_path):
+    """2 processes x 4 devices, parameters laid out over the 2-process mesh: each process
+    commits only its own chunks; rows, side columns and the by-token CSR equal one
+    process's build; a process SIGKILLed mid-build and both restarted finish an index
+    identical to the uninterrupted one."""
+    import json
+
+    from tests import test_support as ts
+    from trackstar_jax import index, support
+
+    clean = tmp_path / 'clean'
+    clean.mkdir()
+    run_workers(SUPPORT_WORKER, [str(clean), '-1'])
+    model, params = ts._peaked_model()
+    one = support.featurize_tokens(
+        model, params, ts.multiprocess_examples(), str(tmp_path / 'one'), ts._config()
+    )
+    num_chunks = -(-len(one) // ts._config().chunk_rows)
+    assert num_chunks >= 4
+    chunks = [json.load(open(clean / f'chunks_{p}.json')) for p in range(2)]
+    assert chunks == [list(range(0, num_chunks, 2)), list(range(1, num_chunks, 2))]
+    two = index.open(str(clean / 'tokens'))
+    assert two.ids == one.ids
+    np.testing.assert_allclose(two.read(slice(0, len(two))), one.read(slice(0, len(one))),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_array_equal(two.extra('target'), one.extra('target'))
+    np.testing.assert_allclose(two.extra('alpha'), one.extra('alpha'), atol=1e-6)
+    csr_two, csr_one = support.load_by_token(two), support.load_by_token(one)
+    np.testing.assert_array_equal(csr_two['offsets'], csr_one['offsets'])
+    np.testing.assert_array_equal(csr_two['rows'], csr_one['rows'])
+    np.testing.assert_allclose(csr_two['alpha'], csr_one['alpha'], atol=1e-6)
+
+    killed = tmp_path / 'killed'
+    killed.mkdir()
+    run_workers(SUPPORT_WORKER, [str(killed), '1'], victim=1)
+    with pytest.raises(RuntimeError, match='incomplete'):
+        index.open(str(killed / 'tokens'))
+    run_workers(SUPPORT_WORKER, [str(killed), '-1'])
+    resumed = index.open(str(killed / 'tokens'))
+    np.testing.assert_array_equal(
+        resumed.read(slice(0, len(resumed))), two.read(slice(0, len(two)))
+    )
+    np.testing.assert_array_equal(resumed.extra('alpha'), two.extra('alpha'))
+    np.testing.assert_array_equal(resumed.extra('target'), two.extra('target'))
+    for name in ('offsets', 'rows', 'alpha'):
+        np.testing.assert_array_equal(support.load_by_token(resumed)[name], csr_two[name])

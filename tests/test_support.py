@@ -31,6 +31,11 @@ def _config(**kw):
     )
 
 
+def multiprocess_examples():
+    """Passages and queries for the multi-process build (tests/workers/support_worker.py)."""
+    return fx.train_examples(21) + fx.query_examples(4)
+
+
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
     model, params = _peaked_model()

@@ -48,9 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from trackstar_jax import checkpoint, pipeline, streaming
+from trackstar_jax import checkpoint, pipeline
 from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax.data import examples as examples_lib
@@ -255,6 +256,20 @@ class TokenLayout:
         return first, max(last, first + 1)
 
 
+def host_params(params: Any) -> Any:
+    """Unboxed parameters every process can use on its own devices: leaves laid out over
+    a multi-process mesh are gathered to host arrays (a collective, so every process calls
+    it); local leaves are kept as they are."""
+    params = nn.unbox(params)
+
+    def local(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return multihost_utils.process_allgather(a, tiled=True)
+        return a
+
+    return jax.tree_util.tree_map(local, params)
+
+
 def featurize_tokens(
     model: nn.Module,
     params: Any,
@@ -269,8 +284,22 @@ def featurize_tokens(
     """Writes the token index of ``examples`` at ``url`` (resumes an unfinished one), then
     its by-token CSR. One row per target token; a chunk is ``chunk_rows`` consecutive
     rows, computed from the examples that hold them (an example cut by a chunk boundary
-    is run for both chunks). Single process; the forward passes are sharded along
-    ``data``.
+    is run for both chunks); the forward passes are sharded along ``data``.
+
+    In a job of P processes, process p computes and writes chunks p, p + P, ... on its
+    own devices (no collective: the chunks are independent), process 0 creates the
+    index first and builds the CSR after every process has committed; every process
+    calls this with the same arguments and gets the finished index.
+
+    Args:
+      model, params: the model and its parameters (boxed or not).
+      examples: {'id', 'tokens', 'loss_mask'} or an ``ExampleSource``.
+      url: the token index URL.
+      config: sequence length, chunk and batch sizes, α floor, projection, dtype.
+      mesh: where the forward passes run; by default all of this process's devices
+        along ``data``. In a multi-process job it must hold only this process's devices.
+      manifest_extra: more manifest entries (checkpoint path, step, ...).
+      fault_hook: test hook, see :meth:`index.IndexWriter.write_chunk`.
 
     Returns:
       The finished token index.
@@ -279,17 +308,20 @@ def featurize_tokens(
       ValueError: on a bad batch size, no target tokens, or examples that changed
         under a resume.
     """
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            'featurize_tokens runs in one process (its forward passes sharded over the devices).'
+    procs, me = jax.process_count(), jax.process_index()
+    if mesh is None:
+        mesh = shd.make_mesh(((shd.DATA, -1), (shd.MODEL, 1)), devices=jax.local_devices())
+    elif procs > 1 and any(d.process_index != me for d in mesh.devices.flat):
+        raise ValueError(
+            'In a multi-process job featurize_tokens runs each process on its own devices: '
+            'pass a mesh of jax.local_devices() (or none).'
         )
-    mesh = mesh or streaming.default_mesh()
     n_data = mesh.shape[shd.DATA]
     if config.batch_size % n_data:
         raise ValueError(
             f'batch_size {config.batch_size} is not a multiple of the data axis ({n_data}).'
         )
-    params = nn.unbox(params)
+    params = host_params(params)
     source = examples_lib.as_source(examples)
     layout = TokenLayout.of(source)
     if not layout.ids:
@@ -297,7 +329,8 @@ def featurize_tokens(
     w, scale = head_of(model, params)
     proj = projection_matrix(w.shape[1], config)
     slots = config.slots(w.shape[0])
-    writer = index_lib.create(
+    create = functools.partial(
+        index_lib.create,
         url,
         manifest_for(model, params, config, manifest_extra),
         layout.ids,
@@ -306,8 +339,15 @@ def featurize_tokens(
         chunk_rows=config.chunk_rows,
         extras={'target': (1 + slots, 'int32'), 'alpha': (1 + slots, 'float32')},
     )
+    # Process 0 creates the index (or re-opens it to resume); the others open it after.
+    writer = create() if me == 0 else None
+    if procs > 1:
+        multihost_utils.sync_global_devices('token_index_created')
+    if writer is None:
+        writer = create()
     program = _row_program(model, mesh, scale, slots, config.alpha_floor)
     rep = shd.replicated(mesh)
+    row_sharding = NamedSharding(mesh, PartitionSpec(shd.DATA))
     params_d = jax.device_put(params, rep)
     proj_d = None if proj is None else jax.device_put(proj, rep)
 
@@ -315,13 +355,16 @@ def featurize_tokens(
         return source.rows(*layout.examples_of(*writer.rows(chunk)))
 
     markers = writer.markers()
+    mine_all = range(me, writer.num_chunks, procs)
     for chunk, marker in markers.items():  # resume trusts content, not markers
+        if chunk % procs != me:
+            continue
         if marker.get('input') != pipeline.input_digest(chunk_examples(chunk)):
             raise ValueError(
                 f'Token index {url}: the examples of chunk {chunk} changed since it was '
                 'written (corpus, tokenizer or seq_len): use a new path or delete the index.'
             )
-    todo = [c for c in range(writer.num_chunks) if c not in markers]
+    todo = [c for c in mine_all if c not in markers]
     logging.info('Token index %s: %d target tokens of %d examples, %d chunks to write.',
                  url, len(layout.ids), len(source), len(todo))  # fmt: skip
     t0 = time.time()
@@ -335,7 +378,9 @@ def featurize_tokens(
             longest = max(len(ex['tokens']) for ex in group)
             length = examples_lib.bucket_length(longest, config.seq_len)
             batch = examples_lib.pad_batch(group, config.batch_size, length)
-            outs = program(params_d, proj_d, batch['tokens'], batch['loss_mask'])
+            # Placed explicitly: in a multi-process job jit takes no sharded numpy input.
+            tokens, mask = jax.device_put((batch['tokens'], batch['loss_mask']), row_sharding)
+            outs = program(params_d, proj_d, tokens, mask)
             for part, out in zip(parts, outs, strict=True):
                 out = np.asarray(out)
                 part.extend(out[e, target_positions(ex)] for e, ex in enumerate(group))
@@ -355,8 +400,13 @@ def featurize_tokens(
             left = (len(todo) - i - 1) * config.chunk_rows / rate
             logging.info('Token index %s: chunk %d/%d, %.0f tokens/s, ETA %.0fs', url, i + 1,
                          len(todo), rate, left)  # fmt: skip
+    if procs > 1:
+        multihost_utils.sync_global_devices('token_index_written')
     idx = writer.finish()
-    build_by_token(idx)
+    if me == 0:
+        build_by_token(idx)
+    if procs > 1:
+        multihost_utils.sync_global_devices('token_index_by_token')
     return idx
 
 

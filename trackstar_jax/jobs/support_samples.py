@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import gin
+import jax
 
 from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
@@ -69,16 +70,23 @@ def support_samples(
     examples = examples_lib.corpus_source(records, tokenizer, config.seq_len)
     url = resolve(workdir, output)
     extra = {'checkpoint_dir': loaded.checkpoint_dir, 'checkpoint_step': loaded.step}
+    # Token rows are independent: in a multi-process job each process builds its chunks
+    # on its own devices from a host copy of the parameters.
+    multi = jax.process_count() > 1
+    params = support.host_params(loaded.params) if multi else loaded.params
     idx = support.featurize_tokens(
-        loaded.model, loaded.params, examples, url, config, mesh=mesh, manifest_extra=extra
-    )
+        loaded.model, params, examples, url, config, mesh=None if multi else mesh,
+        manifest_extra=extra,
+    )  # fmt: skip
+    if jax.process_index() != 0:
+        return url.rstrip('/') + '.json'
     tok = support.TokenIndex(idx)
     counts = support.summary(tok, tau)
-    w, _ = support.head_of(loaded.model, loaded.params)
+    w, _ = support.head_of(loaded.model, params)
     proj = support.projection_matrix(w.shape[1], config)
     facts = corpus_lib.load_facts(facts_path)[:max_queries]
     prompts = [[tokenizer.eos_id, *tokenizer.encode(f['prompt'])] for f in facts]
-    phis = support.prompt_features(loaded.model, loaded.params, prompts, proj)
+    phis = support.prompt_features(loaded.model, params, prompts, proj)
     number = {e: i for i, e in enumerate(examples.ids)}
 
     def example_of(ex_id):
