@@ -24,8 +24,11 @@ r"""The analyses of "On Support Samples of Next Word Prediction" on the demo mod
    whole model trained from scratch on the subset (``--retrain_steps``). Test loss on
    held-out passages and support counts before → after, on the new and the original set.
 5. Per-layer probing (paper's Figure 6): a new head fitted on each block's output, and
-   the number of non-support samples under it, layer by layer. (No POS breakdown: no
-   tagger ships offline.)
+   the number of non-support samples under it, layer by layer, split by POS.
+6. POS of the target tokens (paper's Figure 2): the share of support samples per
+   part-of-speech tag. No tagger ships offline: tags are this package's rough
+   out-of-context rules (``trackstar_jax.data.pos``: closed-class lists, WordNet lemmas
+   of the embedded glosses through WordNet's suffix rules), not the paper's tagger.
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ PAPER = {
     'classifier_at_init': 0.80,
     'classifier_at_last': 0.85,
     'classifier_note': 'MLP on a 4096-dim random projection of the gradient, paper §5',
+    'support_share_by_pos': {'VERB': 0.86, 'PUNCT': 0.20},
+    'support_share_by_pos_note': 'paper §3 text (Figure 2); its other bars are only drawn',
+}
+# The paper's two groups of tags (Figure 2): semantically rich vs light.
+POS_GROUPS = {
+    'rich': ('ADV', 'NUM', 'ADJ', 'VERB', 'NOUN'),
+    'light': ('PART', 'AUX', 'DET', 'ADP', 'PUNCT'),
 }
 
 
@@ -88,6 +98,87 @@ def token_counts(tok, taus) -> dict[str, Any]:
         s['sizes_sorted'] = sorted(sizes[sizes > 0].tolist(), reverse=True)
         out[str(tau)] = s
     return out
+
+
+def row_tags(idx, examples, decode) -> np.ndarray:
+    """The rough POS tag (``data.pos``) of every token row's target token."""
+    from trackstar_jax import support
+    from trackstar_jax.data import pos
+
+    lexicon = pos.Lexicon.embedded()
+    by_id = {ex['id']: ex for ex in examples}
+    tags_of: dict[str, list[str]] = {}
+    out = []
+    for row_id in idx.ids:
+        ex_id, position = support.split_row_id(row_id)
+        if ex_id not in tags_of:
+            tokens = [int(t) for t in by_id[ex_id]['tokens']]
+            tags_of[ex_id] = pos.token_tags(tokens, decode, lexicon)
+        out.append(tags_of[ex_id][position])
+    return np.array(out)
+
+
+def pos_shares(labels: np.ndarray, tags: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per tag: tokens, the share that are support samples, its 95% Wilson interval."""
+    out = {}
+    for tag in sorted(set(tags.tolist())):
+        sel = tags == tag
+        share = float(labels[sel].mean())
+        out[tag] = {'tokens': int(sel.sum()), 'support_share': share,
+                    'support_share_ci': wilson(share, int(sel.sum()))}  # fmt: skip
+    for group, members in POS_GROUPS.items():
+        sel = np.isin(tags, members)
+        share = float(labels[sel].mean()) if sel.any() else float('nan')
+        out[f'group:{group}'] = {'tokens': int(sel.sum()), 'support_share': share,
+                                 'support_share_ci': wilson(share, int(sel.sum())),
+                                 'tags': list(members)}  # fmt: skip
+    return out
+
+
+def figure2(shares: dict[str, dict[str, Any]], overall: float, tau: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    tags = sorted((t for t in shares if not t.startswith('group:') and shares[t]['tokens'] >= 50),
+                  key=lambda t: shares[t]['support_share'])  # fmt: skip
+    val = np.array([shares[t]['support_share'] for t in tags])
+    ci = np.array([shares[t]['support_share_ci'] for t in tags])
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(tags) + 1.2))
+    ax.barh(tags, val, xerr=[val - ci[:, 0], ci[:, 1] - val], color='tab:blue', capsize=2)
+    ax.axvline(overall, color='k', ls='--', lw=1, label=f'all tokens {100 * overall:.1f}%')
+    ax.set_xlabel(f'share of support samples (τ = {tau}), 95% interval')
+    ax.set_title('Support samples by POS of the target (paper Fig. 2; rough tags)')
+    ax.set_xlim(0, 1)
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure6(layers: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    tags = sorted({t for r in layers for t in r['non_support_by_pos']},
+                  key=lambda t: -layers[-1]['non_support_by_pos'].get(t, 0))  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = np.zeros(len(layers))
+    x = [r['layer'] for r in layers]
+    for tag in tags:
+        h = np.array([r['non_support_by_pos'].get(tag, 0) for r in layers])
+        ax.bar(x, h, bottom=bottom, label=tag)
+        bottom += h
+    ax.set_xlabel('layer (a new head on its output)')
+    ax.set_ylabel('non-support samples')
+    ax.set_title('Non-support samples by layer and POS (paper Fig. 6)')
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def figure1(counts: dict[str, Any], path: str) -> None:
@@ -312,6 +403,12 @@ def table2_heads(phi, y, phi_test, y_test, subsets, support, vocab, tau, args):
     return rows
 
 
+def _digest(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a, np.int64).tobytes()).hexdigest()[:16]
+
+
 def table2_full(train_examples, test_examples, subsets, row_example, row_pos, tau, args, work):
     """Table 2 (b): the whole model trained from scratch on each subset (loss masks keep
     only the subset's tokens; same init, data order and steps), then its test loss and
@@ -335,6 +432,18 @@ def table2_full(train_examples, test_examples, subsets, row_example, row_pos, ta
     token_nll = jax.jit(lambda p, t: -losses.target_log_probs(model.apply({'params': p}, t), t))
     rows = {}
     for name, keep in subsets.items():
+        # A finished retraining is kept in the workdir (keyed by what made it): a rerun of
+        # the benchmark, or one after a crash, does not retrain it.
+        done_path = os.path.join(work, f'table2_full_{name}.json')
+        stamp = {'steps': tc.num_steps, 'kept_rows_digest': _digest(np.flatnonzero(keep)),
+                 'tau': tau, 'passages': len(train_examples)}  # fmt: skip
+        if os.path.exists(done_path):
+            with open(done_path) as f:
+                done = json.load(f)
+            if done.get('stamp') == stamp:
+                rows[name] = done['row']
+                print(f'[support] table2 full {name}: {rows[name]} (kept from {done_path})')
+                continue
         masks = [np.zeros(len(ex['tokens']), np.float32) for ex in train_examples]
         for r in np.flatnonzero(keep):
             masks[row_example[r]][row_pos[r]] = 1.0
@@ -364,6 +473,8 @@ def table2_full(train_examples, test_examples, subsets, row_example, row_pos, ta
             'support_in_new_set': int(new_support[keep].sum()),
             'support_in_original_set': int(new_support.sum()),
         }
+        with open(done_path, 'w') as f:
+            json.dump({'stamp': stamp, 'row': rows[name]}, f)
         print(f'[support] table2 full {name}: {rows[name]}', flush=True)
     return rows
 
@@ -430,6 +541,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = token_counts(tok, (0.5, 0.9))
     prefix = 'support_samples_quick' if args.quick else 'support_samples'
     figure1(counts, os.path.join(harness.RESULTS_DIR, f'{prefix}_fig1.png'))
+    tags = row_tags(idx, examples, tokenizer.decode)
+    by_pos = pos_shares(_labels(tok, args.label_tau), tags)
+    figure2(by_pos, float(_labels(tok, args.label_tau).mean()), args.label_tau,
+            os.path.join(harness.RESULTS_DIR, f'{prefix}_fig2.png'))  # fmt: skip
 
     # Probing support status from earlier checkpoints.
     labels = _labels(tok, args.label_tau)
@@ -494,9 +609,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         w = fit_head(x, targets, np.ones(len(targets), bool), vocab, args.head_l2,
                      args.head_epochs)  # fmt: skip
         loss, sup, _ = head_stats(w, x, targets, tau)
+        by_tag = dict(zip(*(a.tolist() for a in np.unique(tags[~sup], return_counts=True)),
+                          strict=True))  # fmt: skip
         layers.append({'layer': j, 'train_loss': loss, 'non_support': int((~sup).sum()),
-                       'non_support_share': float((~sup).mean())})  # fmt: skip
+                       'non_support_share': float((~sup).mean()),
+                       'non_support_by_pos': by_tag})  # fmt: skip
         print(f'[support] layer {j}: {layers[-1]}', flush=True)
+    figure6(layers, os.path.join(harness.RESULTS_DIR, f'{prefix}_fig6.png'))
     return {
         'benchmark': 'support_samples',
         'quick': args.quick,
@@ -541,8 +660,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             'position; a new softmax head per layer fitted on all tokens',
             'rows': layers,
         },
+        'pos': {
+            'tau': args.label_tau,
+            'tagger': 'trackstar_jax.data.pos: out-of-context rules (closed-class lists, '
+            'WordNet lemmas of the embedded glosses via its suffix rules); not a tagger',
+            'by_tag': by_pos,
+        },
         'paper': PAPER,
-        'figures': [f'{prefix}_fig1.png', f'{prefix}_fig5.png'],
+        'figures': [f'{prefix}_fig{i}.png' for i in (1, 2, 5, 6)],
         'wall_seconds': time.time() - t0,
     }
 
@@ -595,6 +720,22 @@ def readme_table(res: dict[str, Any]) -> str:
             f'| test loss, {name} set: heads only / whole model | {paper_heads[name]} / '
             f'{paper_full[name]} | {h["test_loss"]:.2f} / {whole_loss} |'
         )
+    if 'pos' in res:
+        by = res['pos']['by_tag']
+
+        def share(key):
+            e = by.get(key)
+            if e is None:
+                return '—'
+            lo, hi = e['support_share_ci']
+            return f'{_pct(e["support_share"])} [{100 * lo:.1f}, {100 * hi:.1f}]'
+
+        lines += [
+            f'| support share by POS of the target (τ = {res["pos"]["tau"]}): VERB / PUNCT | '
+            f'86% / 20% | {share("VERB")} / {share("PUNCT")} |',
+            '| same, semantically rich (ADV NUM ADJ VERB NOUN) / light (PART AUX DET ADP '
+            f'PUNCT) tags | rich > light | {share("group:rich")} / {share("group:light")} |',
+        ]
     layers = res['layers']['rows']
     lines.append(
         '| non-support share by layer (new head per layer) | rises with depth | '
