@@ -1,0 +1,436 @@
+r"""Every attribution method on one small model, ranked by how well it predicts retraining.
+
+    python benchmarks/lds.py           # -> results/methods.json and the README table
+    python benchmarks/lds.py --quick   # a smoke run (tiny sets, few subsets), ~3 min
+
+1. Data: ``--queries`` facts of the embedded fact set ("Hegira is a" -> " flight") and a
+   training set of ``--train`` WordNet glosses: each fact's entailing gloss plus glosses
+   drawn at random (seed 0).
+2. A small decoder LM (2 layers, width 64, the embedded 4,096-piece vocabulary) is trained
+   on the whole set (``--steps`` Adafactor steps; states kept at three checkpoints for
+   TracIn-CP), then retrained from the same initialisation on each of ``--subsets``
+   random halves of the training set (``eval.lds.subset_masks``, fixed seeds, the same
+   number of steps) and, for leave-one-out, without each of ``--loo`` facts' entailing
+   glosses. A retraining is a job: its outcome (each query's completion log-probability)
+   is written to the workdir and a rerun skips it; ``--shard i/n`` runs every n-th one,
+   so several processes can share the work.
+3. Every method scores every (query, training example) pair at the fully trained model:
+   the paper's Exp 1-5 and TrackStar, TRAK-style, TracIn-CP, representer points and
+   BM25, each through the library's own path (``pipeline.run_method``,
+   ``support.representer_scores``, ``baselines.bm25_top_k``) with k = N.
+4. Per method: LDS (``eval.lds``: Spearman between the predicted subset sums and the
+   retrained log-probabilities, mean over queries with a 95% bootstrap interval),
+   leave-one-out agreement (Spearman, over (query, removed gloss) pairs, between the
+   score of the removed gloss and the drop in the query's log-probability), fact-tracing
+   MRR / Recall@10 of the entailing gloss among the N training examples, and the
+   seconds to build its indices and to score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+SEQ_LEN = 48
+QUERY_LEN = 24
+# Bergson's README (v0.26.1, GPT-2 fine-tune) and the TrackStar paper, for the comparison.
+PEERS = {
+    'bergson_lds': {
+        'MAGIC': 0.983,
+        'EK-FAC (Muon)': 0.474,
+        'EK-FAC (Adam)': 0.257,
+        'TrackStar': 0.184,
+    },  # fmt: skip
+    'bergson_note': 'Bergson v0.26.1 README: LDS on a GPT-2 fine-tune (not this setup)',
+    'trackstar_paper_note': 'TrackStar paper Table 1 (fact tracing, 8B model): TrackStar > '
+    'Exp 5 > Exp 4 > ... > Exp 1 on MRR and tail-patch',
+}
+
+
+def select_data(args) -> tuple[list[dict], list[dict], dict[str, str]]:
+    """(facts, training records, entailing gloss id of each fact)."""
+    from trackstar_jax.data import corpus as corpus_lib
+
+    tokenizer = corpus_lib.Tokenizer()
+    glosses = corpus_lib.load_corpus(sources=('wordnet',))
+    by_id = {r['id']: r for r in glosses}
+    facts, entailing = [], {}
+    for f in corpus_lib.load_facts():
+        ent = [e for e in f['entailing_ids'] if e in by_id]
+        n_tokens = 1 + len(tokenizer.encode(f['prompt'])) + len(tokenizer.encode(f['target']))
+        if len(ent) == 1 and ent[0] not in entailing.values() and n_tokens <= QUERY_LEN:
+            facts.append(f)
+            entailing[f['id']] = ent[0]
+        if len(facts) == args.queries:
+            break
+    chosen = set(entailing.values())
+    rng = np.random.default_rng(0)
+    others = [r for r in glosses if r['id'] not in chosen]
+    extra = rng.choice(len(others), args.train - len(chosen), replace=False)
+    records = [by_id[i] for i in sorted(chosen)] + [others[i] for i in sorted(extra)]
+    return facts, records, entailing
+
+
+def model_and_config(args, vocab: int):
+    from trackstar_jax import train
+    from trackstar_jax.models import DecoderConfig, DecoderLM
+
+    cfg = DecoderConfig(vocab_size=vocab, num_layers=2, d_model=64, num_heads=4,
+                        num_kv_heads=1, mlp_dim=256, max_len=SEQ_LEN)  # fmt: skip
+    tc = train.TrainConfig(batch_size=32, seq_len=SEQ_LEN, num_steps=args.steps,
+                           warmup_steps=max(args.steps // 20, 1), learning_rate=1e-2,
+                           min_dim_size_to_factor=32, seed=0)  # fmt: skip
+    return DecoderLM(cfg), tc
+
+
+def train_on(model, tc, examples, keep: np.ndarray, snapshots=()):
+    """Trains from the fixed initialisation on ``examples[keep]``; returns the final
+    state and {step: state} at ``snapshots``.
+
+    Every run draws the same batches of the *whole* set (seed 0) and zeroes the loss
+    masks of the examples it leaves out, so two runs differ in their data only: a
+    leave-one-out run differs from the full one by one example, not by its data order.
+    """
+    import jax
+
+    from trackstar_jax import sharding as shd
+    from trackstar_jax import train
+    from trackstar_jax.data import examples as examples_lib
+
+    mesh = shd.make_mesh()
+    state, shardings = train.create_train_state(model, tc, mesh)
+    step = _train_step(model, tc, mesh, shardings)
+    data = [ex if k else dict(ex, loss_mask=np.zeros_like(ex['loss_mask']))
+            for ex, k in zip(examples, keep, strict=True)]  # fmt: skip
+    rng = np.random.default_rng(0)
+    kept = {}
+    for s in range(tc.num_steps):
+        if s in snapshots:  # host copies: the step donates the state's buffers
+            kept[s] = jax.device_get(state)
+        group = [data[i] for i in rng.choice(len(data), tc.batch_size, replace=False)]
+        state, _ = step(state, examples_lib.pad_batch(group, tc.batch_size, SEQ_LEN))
+    if tc.num_steps in snapshots:
+        kept[tc.num_steps] = jax.device_get(state)
+    return state, kept
+
+
+_STEPS: dict[Any, Any] = {}
+
+
+def _train_step(model, tc, mesh, shardings):
+    from trackstar_jax import train
+
+    key = (id(model), tc)
+    if key not in _STEPS:
+        _STEPS[key] = train.make_train_step(model, train.make_optimizer(tc), mesh, shardings)
+    return _STEPS[key]
+
+
+def query_log_probs(model, params, queries) -> np.ndarray:
+    """[Q] mean log p of each query's completion tokens."""
+    import jax
+
+    from trackstar_jax import losses
+    from trackstar_jax.data import examples as examples_lib
+
+    batch = examples_lib.pad_batch(queries, len(queries), QUERY_LEN)
+    logits = model.apply({'params': params}, batch['tokens'])
+    lp = np.asarray(jax.device_get(losses.target_log_probs(logits, batch['tokens'])))
+    m = batch['loss_mask']
+    return (lp * m).sum(1) / m.sum(1)
+
+
+def retrain_jobs(args, model, tc, examples, queries, masks, loo_rows) -> tuple:
+    """Outcome [Q, M] of the subsets and [Q, L] of the leave-one-out retrainings; each
+    retraining a resumable job in the workdir."""
+    shard, shards = (int(x) for x in args.shard.split('/'))
+    jobs = [('subset', j, masks[j]) for j in range(len(masks))]
+    jobs += [('loo', r, np.arange(len(examples)) != r) for r in loo_rows]
+    out_dir = os.path.join(args.workdir, 'retrain')
+    os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    t0 = time.time()
+    for i, (kind, j, keep) in enumerate(jobs):
+        path = os.path.join(out_dir, f'{kind}_{j}.json')
+        stamp = {'steps': tc.num_steps, 'train': len(examples), 'kept': int(keep.sum()),
+                 'digest': harness_digest(keep), 'queries': [q['id'] for q in queries]}  # fmt: skip
+        if os.path.exists(path):
+            with open(path) as f:
+                done = json.load(f)
+            if done['stamp'] == stamp:
+                results[(kind, j)] = np.asarray(done['outcome'])
+                continue
+        if i % shards != shard:
+            continue
+        state, _ = train_on(model, tc, examples, keep)
+        outcome = query_log_probs(model, state.params, queries)
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump({'stamp': stamp, 'outcome': outcome.tolist()}, f)
+        os.replace(tmp, path)  # a crash leaves no half-written result
+        results[(kind, j)] = outcome
+        print(f'[lds] retrain {kind} {j}: {i + 1}/{len(jobs)}, {time.time() - t0:.0f}s',
+              flush=True)  # fmt: skip
+    missing = [f'{k}_{j}' for k, j, _ in jobs if (k, j) not in results]
+    if missing:
+        raise SystemExit(f'{len(missing)} retrainings not done yet (other shards?): '
+                         f'{missing[:5]}...')  # fmt: skip
+    subsets = np.stack([results[('subset', j)] for j in range(len(masks))], axis=1)
+    loo = np.stack([results[('loo', r)] for r in loo_rows], axis=1)
+    return subsets, loo
+
+
+def harness_digest(keep: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.packbits(keep).tobytes()).hexdigest()[:16]
+
+
+def dense(result, n: int) -> np.ndarray:
+    """[Q, N] scores from a k = N ScoreResult."""
+    out = np.full((len(result.query_ids), n), np.nan)
+    for q in range(len(result.query_ids)):
+        ok = result.rows[q] >= 0
+        out[q, result.rows[q][ok]] = result.scores[q][ok]
+    if np.isnan(out).any():
+        raise ValueError('A k = N result did not score every training example.')
+    return out
+
+
+GRADIENT_METHODS = {
+    # name: (correction, output_fn, preconditioner, unit_norm): the rows of
+    # gin_configs/methods/table1.gin.
+    'Exp 1 (dot)': ('none', 'loss', 'none', False),
+    'Exp 2 (+unit)': ('none', 'loss', 'none', True),
+    'Exp 3 (+R)': ('none', 'loss', 'train', True),
+    'Exp 4 (+optim)': ('adafactor', 'loss', 'none', True),
+    'Exp 5 (optim+R)': ('adafactor', 'loss', 'train', True),
+    'TrackStar': ('adafactor', 'loss', 'mixed', True),
+    'TRAK-style': ('none', 'trak', 'train', False),
+}
+
+
+def score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots):
+    """{method: {'scores': [Q, N], 'index_seconds', 'score_seconds'}}."""
+    from trackstar_jax import grads, pipeline, support
+    from trackstar_jax.eval import baselines
+
+    work = args.workdir
+    last = snapshots[max(snapshots)]
+    spec = grads.GradientSpec(block_dim=256, num_layer_blocks=2)
+    n = len(train_ex)
+    cfg = pipeline.IndexConfig(seq_len=SEQ_LEN, batch_size=16, chunk_rows=128)
+    qcfg = pipeline.IndexConfig(seq_len=QUERY_LEN, batch_size=16, chunk_rows=128)
+    built: dict[tuple, tuple] = {}
+
+    def indices(state, correction, output_fn, tag):
+        key = (tag, correction, output_fn)
+        if key not in built:
+            s = dataclasses.replace(spec, correction=correction, output_fn=output_fn)
+            feat = grads.Featurizer(model, state.params, s, opt_state=state.opt_state)
+            t0 = time.time()
+            base = os.path.join(work, f'idx_{tag}_{correction}_{output_fn}')
+            tr = pipeline.featurize(feat, train_ex, os.path.join(base, 'train'), cfg)
+            qu = pipeline.featurize(feat, query_ex, os.path.join(base, 'queries'), qcfg)
+            built[key] = (tr, qu, time.time() - t0)
+        return built[key]
+
+    out = {}
+    fitted: dict = {}
+    for name, (correction, output_fn, pre, unit) in GRADIENT_METHODS.items():
+        tr, qu, secs = indices(last, correction, output_fn, 'last')
+        t0 = time.time()
+        method = pipeline.Method(name=name, correction=correction, output_fn=output_fn,
+                                 preconditioner=pre, unit_norm=unit)  # fmt: skip
+        res, _ = pipeline.run_method(method, tr, qu, score_config=pipeline.ScoreConfig(k=n),
+                                     fitted=fitted)  # fmt: skip
+        out[name] = {'scores': dense(res, n), 'index_seconds': secs,
+                     'score_seconds': time.time() - t0}  # fmt: skip
+        print(f'[lds] scored {name}', flush=True)
+
+    # TracIn-CP: Σ_c η_c ⟨g_c(q), g_c(m)⟩ over the saved checkpoints, each with its own
+    # Adafactor correction, unnormalised.
+    from trackstar_jax import train as train_lib
+
+    lr = train_lib.learning_rate_schedule(tc)
+    total, secs_i, secs_s = np.zeros((len(query_ex), n)), 0.0, 0.0
+    for step, state in sorted(snapshots.items()):
+        tr, qu, secs = indices(state, 'adafactor', 'loss', f'step{step}')
+        t0 = time.time()
+        res = pipeline.score(qu, tr, pipeline.fit(tr, qu, pipeline.FitConfig('none')),
+                             pipeline.ScoreConfig(k=n, unit_norm=False))  # fmt: skip
+        total += float(lr(max(step - 1, 0))) * dense(res, n)
+        secs_i, secs_s = secs_i + secs, secs_s + time.time() - t0
+    out['TracIn-CP'] = {'scores': total, 'index_seconds': secs_i, 'score_seconds': secs_s,
+                        'checkpoints': sorted(snapshots)}  # fmt: skip
+
+    # Representer points: token index of the training glosses, scores summed per gloss.
+    t0 = time.time()
+    tok = support.TokenIndex(support.featurize_tokens(
+        model, last.params, train_ex, os.path.join(work, 'tokens_last'),
+        support.SupportConfig(seq_len=SEQ_LEN, batch_size=16)))  # fmt: skip
+    t1 = time.time()
+    number = {ex['id']: i for i, ex in enumerate(train_ex)}
+    rep = np.zeros((len(query_ex), n))
+    for q, ex in enumerate(query_ex):
+        phis, tokens = support.completion_features(model, last.params, ex)
+        ids, scores = support.representer_scores(tok, phis, tokens)
+        for i, s in zip(ids, scores, strict=True):
+            rep[q, number[i]] = s
+    out['Representer points'] = {'scores': rep, 'index_seconds': t1 - t0,
+                                 'score_seconds': time.time() - t1}  # fmt: skip
+
+    t0 = time.time()
+    ids, scores = baselines.bm25_top_k([r['id'] for r in records], [r['text'] for r in records],
+                                       [f['prompt'] + f['target'] for f in facts], k=n)  # fmt: skip
+    bm = np.zeros((len(facts), n))
+    for q in range(len(facts)):
+        for i, s in zip(ids[q], scores[q], strict=True):
+            bm[q, number[i]] = s
+    out['BM25'] = {'scores': bm, 'index_seconds': 0.0, 'score_seconds': time.time() - t0}
+    return out
+
+
+def fact_metrics(scores: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """MRR and Recall@10 of each query's entailing example (ties broken against it)."""
+    s_gold = scores[np.arange(len(gold)), gold]
+    rank = (scores >= s_gold[:, None]).sum(1)  # 1-based; ties count ahead of the gold
+    return {'mrr': float((1.0 / rank).mean()), 'recall_at_10': float((rank <= 10).mean())}
+
+
+def run(args) -> dict[str, Any]:
+    from trackstar_jax.data import corpus as corpus_lib
+    from trackstar_jax.data import examples as examples_lib
+    from trackstar_jax.eval import lds
+
+    t0 = time.time()
+    os.makedirs(args.workdir, exist_ok=True)
+    tokenizer = corpus_lib.Tokenizer()
+    facts, records, entailing = select_data(args)
+    train_ex = examples_lib.corpus_examples(records, tokenizer, SEQ_LEN)
+    query_ex = [examples_lib.query_example(f['id'], f['prompt'], f['target'], tokenizer,
+                                           QUERY_LEN) for f in facts]  # fmt: skip
+    row_of = {r['id']: i for i, r in enumerate(records)}
+    gold = np.array([row_of[entailing[f['id']]] for f in facts])
+    model, tc = model_and_config(args, tokenizer.vocab_size)
+    checkpoints = (tc.num_steps // 3, 2 * tc.num_steps // 3, tc.num_steps)
+    t_train = time.time()
+    last, snapshots = train_on(model, tc, train_ex, np.ones(len(train_ex), bool),
+                               snapshots=checkpoints)  # fmt: skip
+    train_seconds = time.time() - t_train
+    full = query_log_probs(model, last.params, query_ex)
+    masks = lds.subset_masks(len(train_ex), args.subsets, 0.5, seed=0)
+    loo_rows = [int(g) for g in gold[: args.loo]]
+    subsets, loo = retrain_jobs(args, model, tc, train_ex, query_ex, masks, loo_rows)
+    methods = score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots)
+    rows = {}
+    for name, m in methods.items():
+        s = m['scores']
+        r = lds.lds(s, masks, subsets)
+        # LOO: the drop in query q's log-probability when gloss r is removed, against
+        # the score of r for q, over every (query, removed gloss) pair.
+        drop = full[:, None] - loo
+        loo_rho = lds.spearman(s[:, loo_rows].ravel(), drop.ravel())
+        rows[name] = {
+            'lds': r.mean,
+            'lds_ci': list(r.ci),
+            'lds_queries': int(np.isfinite(r.per_query).sum()),
+            'loo_spearman': loo_rho,
+            **fact_metrics(s, gold),
+            'index_seconds': m['index_seconds'],
+            'score_seconds': m['score_seconds'],
+        }
+        print(f'[lds] {name}: {rows[name]}', flush=True)
+    return {
+        'benchmark': 'lds',
+        'quick': args.quick,
+        'model': model.config.to_dict(),
+        'train_examples': len(train_ex),
+        'queries': len(query_ex),
+        'subsets': args.subsets,
+        'subset_fraction': 0.5,
+        'loo_examples': len(loo_rows),
+        'steps': tc.num_steps,
+        'full_train_seconds': train_seconds,
+        'outcome': 'mean log p of the completion tokens of the query after retraining',
+        'full_model_query_log_prob': float(full.mean()),
+        'subset_outcome_spread': float(subsets.std(axis=1).mean()),
+        'methods': rows,
+        'peers': PEERS,
+        'wall_seconds': time.time() - t0,
+    }
+
+
+def readme_table(res: dict[str, Any]) -> str:
+    """The README's method table from the JSON."""
+    rows = res['methods']
+    lines = [
+        f'From `{res["command"]}` ({res["timestamp"][:10]}): a 2-layer width-64 model '
+        f'trained on {res["train_examples"]} WordNet glosses; {res["queries"]} fact queries; '
+        f'LDS over {res["subsets"]} retrainings on random halves (Spearman, mean over '
+        'queries, 95% bootstrap interval); leave-one-out over '
+        f'{res["loo_examples"]} removed entailing glosses; MRR / Recall@10 of the entailing '
+        'gloss among all training examples.',
+        '',
+        '| method | LDS | LOO ρ | MRR | Recall@10 | index s | score s |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    for name in sorted(rows, key=lambda n: -rows[n]['lds']):
+        r = rows[name]
+        lo, hi = r['lds_ci']
+        lines.append(
+            f'| {name} | {r["lds"]:.3f} [{lo:.3f}, {hi:.3f}] | {r["loo_spearman"]:.3f} | '
+            f'{r["mrr"]:.3f} | {r["recall_at_10"]:.3f} | {r["index_seconds"]:.1f} | '
+            f'{r["score_seconds"]:.1f} |'
+        )
+    return '\n'.join(lines) + '\n'
+
+
+def write_readme(res: dict[str, Any], check: bool = False) -> bool:
+    """Puts :func:`readme_table` in the README (with ``check``: only compares)."""
+    return harness.readme_section('methods', readme_table(res), check=check)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--quick', action='store_true')
+    parser.add_argument('--workdir', default='/tmp/lds_bench')
+    parser.add_argument('--train', type=int, default=512)
+    parser.add_argument('--queries', type=int, default=32)
+    parser.add_argument('--subsets', type=int, default=48)
+    parser.add_argument('--loo', type=int, default=8)
+    parser.add_argument('--steps', type=int, default=300)
+    parser.add_argument('--shard', default='0/1', help='i/n: run every n-th retraining')
+    parser.add_argument('--out', default=None)
+    parser.add_argument('--readme_only', action='store_true')
+    args = parser.parse_args(argv)
+    if args.readme_only:
+        with open(os.path.join(harness.RESULTS_DIR, 'methods.json')) as f:
+            write_readme(json.load(f))
+        return
+    if args.quick:
+        args.train, args.queries, args.subsets = 64, 8, 8
+        args.loo, args.steps = 2, 30
+    res = run(args)
+    out = args.out or os.path.join(
+        harness.RESULTS_DIR, 'methods_quick.json' if args.quick else 'methods.json'
+    )
+    harness.write_result(out, res)
+    if not args.quick and not args.out:
+        with open(out) as f:
+            write_readme(json.load(f))
+    print(f'results: {out}')
+
+
+if __name__ == '__main__':
+    main()
