@@ -15,9 +15,10 @@ r"""Every attribution method on one small model, ranked by how well it predicts 
    is written to the workdir and a rerun skips it; ``--shard i/n`` runs every n-th one,
    so several processes can share the work.
 3. Every method scores every (query, training example) pair at the fully trained model:
-   the paper's Exp 1-5 and TrackStar, TRAK-style, TracIn-CP, representer points and
-   BM25, each through the library's own path (``pipeline.run_method``,
-   ``support.representer_scores``, ``baselines.bm25_top_k``) with k = N.
+   the paper's Exp 1-5 and TrackStar, TRAK-style, TracIn-CP, representer points, K-FAC
+   and EK-FAC (dense-layer kernels, full parameter space) and BM25, each through the
+   library's own path (``pipeline.run_method``, ``support.representer_scores``,
+   ``kfac.influence``, ``baselines.bm25_top_k``) with k = N.
 4. Per method: LDS (``eval.lds``: Spearman between the predicted subset sums and the
    retrained log-probabilities, mean over queries with a 95% bootstrap interval),
    leave-one-out agreement (Spearman, over (query, removed gloss) pairs, between the
@@ -207,6 +208,15 @@ def dense(result, n: int) -> np.ndarray:
     return out
 
 
+# Short names for the JSON's readers (the table uses the display names).
+SLUGS = {
+    'Exp 1 (dot)': 'grad_dot', 'Exp 2 (+unit)': 'grad_cosine', 'Exp 3 (+R)': 'exp3',
+    'Exp 4 (+optim)': 'exp4', 'Exp 5 (optim+R)': 'exp5', 'TrackStar': 'trackstar',
+    'TRAK-style': 'trak_style', 'TracIn-CP': 'tracin_cp', 'Representer points': 'representer',
+    'K-FAC': 'kfac', 'EK-FAC': 'ekfac', 'BM25': 'bm25',
+}  # fmt: skip
+KFAC_DAMPING = 0.1  # relative: λ = 0.1 x each layer's mean eigenvalue
+
 GRADIENT_METHODS = {
     # name: (correction, output_fn, preconditioner, unit_norm): the rows of
     # gin_configs/methods/table1.gin.
@@ -290,6 +300,23 @@ def score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots
     out['Representer points'] = {'scores': rep, 'index_seconds': t1 - t0,
                                  'score_seconds': time.time() - t1}  # fmt: skip
 
+    # K-FAC / EK-FAC: the full parameter space of the dense-layer kernels (embedding and
+    # norms left out), preconditioning the query gradients only.
+    from trackstar_jax import kfac
+
+    for name, corrected in (('K-FAC', False), ('EK-FAC', True)):
+        t0 = time.time()
+        kcfg = kfac.KfacConfig(seq_len=SEQ_LEN, batch_size=16, damping=KFAC_DAMPING,
+                               eigenvalue_correction=corrected)  # fmt: skip
+        fitted = kfac.fit(model, last.params, train_ex, kcfg)
+        t1 = time.time()
+        qcfg_k = dataclasses.replace(kcfg, seq_len=QUERY_LEN)
+        scores = kfac.influence(fitted, model, last.params, query_ex, train_ex,
+                                query_config=qcfg_k)  # fmt: skip
+        out[name] = {'scores': scores, 'index_seconds': t1 - t0,
+                     'score_seconds': time.time() - t1, 'damping': KFAC_DAMPING}  # fmt: skip
+        print(f'[lds] scored {name}', flush=True)
+
     t0 = time.time()
     ids, scores = baselines.bm25_top_k([r['id'] for r in records], [r['text'] for r in records],
                                        [f['prompt'] + f['target'] for f in facts], k=n)  # fmt: skip
@@ -342,6 +369,7 @@ def run(args) -> dict[str, Any]:
         drop = full[:, None] - loo
         loo_rho = lds.spearman(s[:, loo_rows].ravel(), drop.ravel())
         rows[name] = {
+            'slug': SLUGS[name],
             'lds': r.mean,
             'lds_ci': list(r.ci),
             'lds_queries': int(np.isfinite(r.per_query).sum()),
