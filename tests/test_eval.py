@@ -97,6 +97,26 @@ def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
         expected = prob(jax.device_get(new_state.params)) - before
         assert deltas[i] == pytest.approx(expected, rel=1e-4, abs=1e-9)
     assert np.any(deltas != 0)
+    # The first-order prediction is the directional derivative along the same step:
+    # p(θ + εu) − p(θ) over ε for a small ε, and ||u|| is the update's norm.
+    first = np.asarray(
+        tail_patch_lib.make_first_order(model, TC)(
+            host_state.params, host_state.opt_state, proponents, query
+        )
+    )
+    tx = train.make_optimizer(TC)
+    for i in range(3):
+        g = jax.grad(
+            lambda p, i=i: train.loss_fn(model, p, {k: v[i : i + 1] for k, v in proponents.items()})
+        )(host_state.params)
+        u, _ = tx.update(g, host_state.opt_state, host_state.params)
+        eps = 1e-2
+        moved = lambda e, u=u: prob(jax.tree.map(lambda p, d: p + e * d, host_state.params, u))
+        central = (moved(eps) - moved(-eps)) / (2 * eps)
+        assert first[i, 0] == pytest.approx(central, rel=2e-2, abs=1e-9)
+        norm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(u)))
+        assert first[i, 1] == pytest.approx(norm, rel=1e-5)
+    assert np.any(first[:, 0] != 0)
 
 
 def _fit_toy(train, queries, config, mesh):

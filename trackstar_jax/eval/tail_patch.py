@@ -42,16 +42,10 @@ def make_tail_patch(
       query: {'tokens', 'loss_mask'} of shape [T'] (the completion masked in).
     """
     tx = train.make_optimizer(train_config)
-
-    def target_prob(params, query):
-        logits = model.apply({'params': params}, query['tokens'][None])
-        loss = losses.example_losses(logits, query['tokens'][None], query['loss_mask'][None])
-        return jnp.exp(-loss[0])
+    target_prob = _target_prob(model)
 
     def one(params, opt_state, tokens, mask, query):
-        batch = {'tokens': tokens[None], 'loss_mask': mask[None]}
-        grads = jax.grad(lambda p: train.loss_fn(model, p, batch))(params)
-        updates, _ = tx.update(grads, opt_state, params)
+        updates = _update(model, tx, params, opt_state, tokens, mask)
         return target_prob(optax.apply_updates(params, updates), query)
 
     @jax.jit
@@ -72,6 +66,49 @@ def make_tail_patch(
     return fn
 
 
+def _target_prob(model: nn.Module) -> Callable[[Any, dict], jax.Array]:
+    def target_prob(params, query):
+        logits = model.apply({'params': params}, query['tokens'][None])
+        loss = losses.example_losses(logits, query['tokens'][None], query['loss_mask'][None])
+        return jnp.exp(-loss[0])
+
+    return target_prob
+
+
+def _update(model, tx, params, opt_state, tokens, mask):
+    # The trainer's step on one proponent: its gradient through the saved optimizer state.
+    batch = {'tokens': tokens[None], 'loss_mask': mask[None]}
+    grads = jax.grad(lambda p: train.loss_fn(model, p, batch))(params)
+    return tx.update(grads, opt_state, params)[0]
+
+
+def make_first_order(model: nn.Module, train_config: train.TrainConfig) -> Callable[..., jax.Array]:
+    """``fn(params, opt_state, proponents, query) -> [K, 2]``: per proponent, the
+    first-order prediction of its tail-patch Δp, ⟨∇_θ p(target | prompt), u⟩ with u the
+    optimizer update the step applies (Adafactor's preconditioning, clipping and scaling
+    included), and the update's global norm ||u||.
+
+    Beside :func:`make_tail_patch`'s measured Δp it separates what a score can predict
+    (the direction of u against the query gradient) from what one step adds (curvature).
+    """
+    tx = train.make_optimizer(train_config)
+    target_prob = _target_prob(model)
+
+    def one(params, opt_state, tokens, mask, query):
+        updates = _update(model, tx, params, opt_state, tokens, mask)
+        _, predicted = jax.jvp(lambda p: target_prob(p, query), (params,), (updates,))
+        norm = optax.tree.norm(updates)
+        return jnp.stack([predicted, norm])
+
+    @jax.jit
+    def fn(params, opt_state, proponents, query):
+        return jax.vmap(one, in_axes=(None, None, 0, 0, None))(
+            params, opt_state, proponents['tokens'], proponents['loss_mask'], query
+        )
+
+    return fn
+
+
 def tail_patch_scores(
     fn: Callable[..., jax.Array],
     params: Any,
@@ -83,7 +120,8 @@ def tail_patch_scores(
     seq_len: int,
     query_len: int,
 ) -> dict[tuple[str, str], float]:
-    """Δp for every (query id, proponent id) pair, k proponents per batched call.
+    """Δp for every (query id, proponent id) pair, k proponents per batched call (with
+    :func:`make_first_order`'s ``fn``: a (predicted Δp, ||u||) tuple per pair).
 
     Pairs are grouped by query; each group is padded to k rows (padding rows are
     computed and dropped) so one compiled shape serves every call.
@@ -108,7 +146,7 @@ def tail_patch_scores(
             batch = examples_lib.pad_batch(rows + [rows[0]] * (k - len(rows)), k, length)
             deltas = np.asarray(fn(params, opt_state, batch, query))
             for p, d in zip(group, deltas, strict=False):
-                out[(q, p)] = float(d)
+                out[(q, p)] = float(d) if np.ndim(d) == 0 else tuple(float(x) for x in d)
         if i % 20 == 0 or i == len(by_query) - 1:
             rate = len(out) / max(time.time() - t0, 1e-9)
             logging.info(
