@@ -15,7 +15,8 @@ r"""Every attribution method on one small model, ranked by how well it predicts 
    is written to the workdir and a rerun skips it; ``--shard i/n`` runs every n-th one,
    so several processes can share the work.
 3. Every method scores every (query, training example) pair at the fully trained model:
-   the paper's Exp 1-5 and TrackStar, TRAK-style, TracIn-CP, representer points, K-FAC
+   the paper's Exp 1-5 and TrackStar, TRAK-style and TRAK (its full (ΦᵀΦ)⁻¹ and Q on our
+   projection), TracIn-CP, representer points, K-FAC
    and EK-FAC (dense-layer kernels, full parameter space) and BM25, each through the
    library's own path (``pipeline.run_method``, ``support.representer_scores``,
    ``kfac.influence``, ``baselines.bm25_top_k``) with k = N.
@@ -214,8 +215,8 @@ def dense(result, n: int) -> np.ndarray:
 SLUGS = {
     'Exp 1 (dot)': 'grad_dot', 'Exp 2 (+unit)': 'grad_cosine', 'Exp 3 (+R)': 'exp3',
     'Exp 4 (+optim)': 'exp4', 'Exp 5 (optim+R)': 'exp5', 'TrackStar': 'trackstar',
-    'TRAK-style': 'trak_style', 'TracIn-CP': 'tracin_cp', 'Representer points': 'representer',
-    'K-FAC': 'kfac', 'EK-FAC': 'ekfac', 'BM25': 'bm25',
+    'TRAK-style': 'trak_style', 'TRAK': 'trak', 'TracIn-CP': 'tracin_cp',
+    'Representer points': 'representer', 'K-FAC': 'kfac', 'EK-FAC': 'ekfac', 'BM25': 'bm25',
 }  # fmt: skip
 KFAC_DAMPING = 0.1  # relative: λ = 0.1 x each layer's mean eigenvalue
 
@@ -229,6 +230,9 @@ GRADIENT_METHODS = {
     'Exp 5 (optim+R)': ('adafactor', 'loss', 'train', True),
     'TrackStar': ('adafactor', 'loss', 'mixed', True),
     'TRAK-style': ('none', 'trak', 'train', False),
+    # TRAK's (ΦᵀΦ)⁻¹ over all D projected dims and its Q = 1 − p̄ (in the 'trak' output);
+    # our two-sided projection, one model (no ensemble).
+    'TRAK': ('none', 'trak', 'full', False),
 }
 
 

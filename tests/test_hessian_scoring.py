@@ -39,6 +39,26 @@ def _numpy_inv_sqrt(r, damping):
     return np.stack(out)
 
 
+def test_full_preconditioner_is_the_dense_numpy_inverse_sqrt(indices):
+    _, train, queries = indices
+    t = train.read(slice(0, len(train))).astype(np.float64)
+    q = queries.read(slice(0, len(queries))).astype(np.float64)
+    h = pipeline.fit(train, None, FitConfig(preconditioner='full', damping=0.05, chunk_rows=7))
+    want = _numpy_inv_sqrt((t.T @ t / len(t))[None], 0.05)
+    got = h.arrays['r_inv_sqrt']
+    assert got.shape == (1, train.dim, train.dim)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4 * np.abs(want).max())
+    # Scores: q (R + δI)^-1 v, the TRAK form, for every pair (k = all).
+    res = pipeline.score(queries, train, h, ScoreConfig(k=len(train), unit_norm=False))
+    dense = q @ want[0] @ want[0] @ t.T
+    for i in range(len(q)):
+        order = np.argsort(-dense[i], kind='stable')
+        np.testing.assert_allclose(res.scores[i], dense[i, order], rtol=2e-3, atol=1e-5)
+    # It differs from the block-diagonal R_train (the blocks are not independent here).
+    block = pipeline.fit(train, None, FitConfig(preconditioner='train', damping=0.05))
+    assert not np.allclose(block.apply(q), h.apply(q), rtol=1e-2)
+
+
 def test_fit_matches_numpy_and_whitens(indices):
     root, train, queries = indices
     nb = 4

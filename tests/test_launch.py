@@ -139,36 +139,49 @@ def test_readme_reliability_table_is_generated_from_the_tests():
     assert readme.count('| `test_faults.py::') >= 30
 
 
-def test_readme_fact_tracing_table_is_generated_from_the_benchmark_json():
-    """The README's fact-tracing table and verdicts are the committed benchmark's."""
+def _benchmark(script: str):
+    """The benchmark module benchmarks/<script> and its committed results JSON reader."""
     import importlib.util
-    import json
 
-    path = os.path.join(ROOT, 'benchmarks', 'fact_tracing.py')
-    spec = importlib.util.spec_from_file_location('fact_tracing_benchmark', path)
+    path = os.path.join(ROOT, 'benchmarks', script)
+    spec = importlib.util.spec_from_file_location(f'{script[:-3]}_benchmark', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with open(module.OUT) as f:
-        result = json.load(f)
+    return module
+
+
+def _result(name: str) -> dict:
+    import json
+
+    with open(os.path.join(ROOT, 'benchmarks', 'results', name)) as f:
+        return json.load(f)
+
+
+def test_readme_fact_tracing_table_is_generated_from_the_benchmark_json():
+    """The README's fact-tracing table and verdicts are the committed benchmark's."""
+    module = _benchmark('fact_tracing.py')
+    result = _result(os.path.basename(module.OUT))
     assert len(result['runs']) == 2 and result['claims']
     assert module.write_readme(result, check=True), 'run benchmarks/fact_tracing.py --readme_only'
 
 
 def test_readme_support_samples_table_is_generated_from_the_benchmark_json():
     """The README's support-samples table is the committed benchmark JSON's."""
-    import importlib.util
-    import json
-
-    path = os.path.join(ROOT, 'benchmarks', 'support_samples.py')
-    spec = importlib.util.spec_from_file_location('support_samples_benchmark', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with open(os.path.join(ROOT, 'benchmarks', 'results', 'support_samples.json')) as f:
-        result = json.load(f)
+    module, result = _benchmark('support_samples.py'), _result('support_samples.json')
     assert result['quick'] is False and result['table2']['full_model'] is not None
+    assert 'pos' in result and result['layers']['rows'][0].get('non_support_by_pos')
     assert module.write_readme(result, check=True), (
         'run python benchmarks/support_samples.py --readme_only'
     )
+
+
+def test_readme_methods_table_is_generated_from_the_benchmark_json():
+    """The README's LDS table is the committed methods.json's, with every method in it."""
+    module, result = _benchmark('lds.py'), _result('methods.json')
+    assert result['quick'] is False and result['subsets'] >= 32
+    slugs = {m['slug'] for m in result['methods'].values()}
+    assert {'trackstar', 'ekfac', 'kfac', 'tracin_cp', 'trak', 'representer'} <= slugs
+    assert module.write_readme(result, check=True), 'run python benchmarks/lds.py --readme_only'
 
 
 def test_readme_cost_table_is_generated_from_the_benchmark_jsons():

@@ -74,13 +74,29 @@ def _combine(mesh: Mesh):
     return jax.jit(lambda a: jnp.sum(a, axis=0), out_shardings=shd.replicated(mesh))
 
 
+MAX_FULL_DIM = 16384  # a float32 D x D R is 1 GiB at this size, per device
+
+
 def autocorrelation(
-    idx: Index, *, mesh: Mesh | None = None, chunk_rows: int = 1024
+    idx: Index, *, mesh: Mesh | None = None, chunk_rows: int = 1024, full: bool = False
 ) -> tuple[np.ndarray, int]:
-    """(sum_i φ_{i,b} φ_{i,b}ᵀ per block [B, d_b, d_b] float64, N) in one streaming pass."""
+    """(sum_i φ_{i,b} φ_{i,b}ᵀ per block [B, d_b, d_b] float64, N) in one streaming pass.
+
+    ``full``: the whole D x D matrix as one block ([1, D, D]).
+
+    Raises:
+      ValueError: ``full`` with D > MAX_FULL_DIM.
+    """
     mesh = mesh or streaming.default_mesh()
     nb = len(idx.manifest['layout']['block_names'])
     db = idx.manifest['layout']['block_dim']
+    if full:
+        if nb * db > MAX_FULL_DIM:
+            raise ValueError(
+                f'A full R of D = {nb * db} has {nb * db}^2 entries (> {MAX_FULL_DIM}^2): use '
+                "the block-diagonal 'train' preconditioner or a smaller projection."
+            )
+        nb, db = 1, nb * db
     n_data = mesh.shape[shd.DATA]
     acc = jax.jit(
         lambda: jnp.zeros((n_data, nb, db, db), jnp.float32),

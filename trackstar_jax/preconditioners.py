@@ -329,6 +329,14 @@ def _apply_block(arrays, vectors):
     return hessian.apply_blocks(arrays['r_inv_sqrt'], vectors)
 
 
+def _fit_full(train, queries, config, mesh):
+    # TRAK's (ΦᵀΦ)⁻¹ (as R^-1/2 on both sides): one D x D block, no block-diagonal cut.
+    del queries
+    r, n = hessian.autocorrelation(train, mesh=mesh, chunk_rows=config.chunk_rows, full=True)
+    inv = hessian.inverse_sqrt(r / n, config.damping).astype(np.float32)
+    return {'r_inv_sqrt': inv}, {'damping': config.damping}, {}
+
+
 register(Kind('none', _fit_none, _apply_none, description='identity', symmetric=True))
 register(
     Kind(
@@ -340,6 +348,15 @@ register(
     )
 )
 register(Kind('train', _fit_block, _apply_block, description='block R_train^-1/2', symmetric=True))
+register(
+    Kind(
+        'full',
+        _fit_full,
+        _apply_block,
+        description='full (R_train + δI)^-1/2 over all D dims (TRAK)',
+        symmetric=True,
+    )
+)
 register(
     Kind(
         'mixed',
