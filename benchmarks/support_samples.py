@@ -165,17 +165,18 @@ def figure6(layers: list[dict[str, Any]], path: str) -> None:
 
     tags = sorted({t for r in layers for t in r['non_support_by_pos']},
                   key=lambda t: -layers[-1]['non_support_by_pos'].get(t, 0))  # fmt: skip
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
     bottom = np.zeros(len(layers))
     x = [r['layer'] for r in layers]
-    for tag in tags:
+    colors = plt.get_cmap('tab20').colors  # one colour per tag (up to 20)
+    for i, tag in enumerate(tags):
         h = np.array([r['non_support_by_pos'].get(tag, 0) for r in layers])
-        ax.bar(x, h, bottom=bottom, label=tag)
+        ax.bar(x, h, bottom=bottom, label=tag, color=colors[i % len(colors)])
         bottom += h
     ax.set_xlabel('layer (a new head on its output)')
     ax.set_ylabel('non-support samples')
     ax.set_title('Non-support samples by layer and POS (paper Fig. 6)')
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=1, loc='upper left', bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
