@@ -260,8 +260,10 @@ def fit(
     mesh = shd.make_mesh() if mesh is None else mesh
     _check(examples, config, mesh)
 
+    # Parameters are arguments, not closed over: a closure would embed every weight in
+    # the compiled program as a constant.
     @jax.jit
-    def moments(batch):
+    def moments(params, batch):
         acts, outs = layer_statistics(model, params, batch)
         w = reach_mask(batch['loss_mask'])
         cov = lambda x: jnp.einsum('bt,bti,btj->ij', w, x, x)  # noqa: E731
@@ -270,7 +272,7 @@ def fit(
     sums: dict[str, list[np.ndarray]] = {}
     tokens = 0.0
     for _, batch in _batches(examples, config):
-        got, n = moments(_place(batch, mesh))
+        got, n = moments(params, _place(batch, mesh))
         for k, (a, s) in got.items():
             if k not in sums:
                 sums[k] = [np.zeros(a.shape), np.zeros(s.shape)]
@@ -293,7 +295,7 @@ def fit(
     bases = {k: (_device_float(f.a_vectors), _device_float(f.s_vectors)) for k, f in layers.items()}
 
     @jax.jit
-    def corrected(batch, real):
+    def corrected(params, batch, real):
         g = kernel_grads(*layer_statistics(model, params, batch))
         return {k: jnp.einsum('b,bio->io', real, jnp.square(
             jnp.einsum('ij,bio,ok->bjk', bases[k][0], g[k], bases[k][1])))
@@ -303,7 +305,7 @@ def fit(
     count = 0
     for n_real, batch in _batches(examples, config):
         real = (np.arange(config.batch_size) < n_real) & (batch['loss_mask'].sum(1) > 0)
-        got = corrected(_place(batch, mesh), _device_float(real))
+        got = corrected(params, _place(batch, mesh), _device_float(real))
         for k, v in got.items():
             totals[k] += np.asarray(v, np.float64)
         count += int(real.sum())
@@ -322,9 +324,9 @@ def example_kernel_grads(
     """Per-example kernel gradients {layer: [n, d_in, d_out]}, one batch at a time."""
     mesh = shd.make_mesh() if mesh is None else mesh
     _check(examples, config, mesh)
-    step = jax.jit(lambda b: kernel_grads(*layer_statistics(model, params, b)))
+    step = jax.jit(lambda p, b: kernel_grads(*layer_statistics(model, p, b)))
     for n_real, batch in _batches(examples, config):
-        yield {k: np.asarray(v[:n_real]) for k, v in step(_place(batch, mesh)).items()}
+        yield {k: np.asarray(v[:n_real]) for k, v in step(params, _place(batch, mesh)).items()}
 
 
 def influence(
