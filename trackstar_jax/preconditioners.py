@@ -17,6 +17,10 @@ Registered kinds (the paper's variants, §3 and Table 1):
     diagonal  per-coordinate 1/sqrt(mean φ² + δ), from the train index
     train     block-diagonal R_train^-1/2
     mixed     block-diagonal (λ R_eval + (1 − λ) R_train)^-1/2, λ given or 'auto' (TrackStar)
+    full      (R_train + δI)^-1/2 over all D dims as one block (TRAK's (ΦᵀΦ)⁻¹)
+    kfac_projected, ekfac_projected
+              (F + λI)^-1/2 with F a Kronecker-factored second moment of each block
+              (K-FAC; EK-FAC with the eigenvalue correction), :mod:`projected_kfac`
 
 A kind registered with :func:`register` is usable by name in the fit and score jobs and
 in the evaluation's Method table with no other change.
@@ -42,7 +46,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from trackstar_jax import hessian
+from trackstar_jax import hessian, projected_kfac
 from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax.index import Index
@@ -357,6 +361,38 @@ register(
         symmetric=True,
     )
 )
+
+
+def _fit_kronecker(correction: bool) -> FitFn:
+    def fit_fn(train, queries, config, mesh):
+        del queries
+        arrays, info = projected_kfac.fit(
+            train,
+            eigenvalue_correction=correction,
+            damping=config.damping,
+            mesh=mesh,
+            chunk_rows=config.chunk_rows,
+        )
+        return arrays, info, {}
+
+    return fit_fn
+
+
+def _apply_kronecker(arrays, vectors):
+    return projected_kfac.apply(arrays['u_left'], arrays['u_right'], arrays['scale'], vectors)
+
+
+for _name, _correction in (('kfac_projected', False), ('ekfac_projected', True)):
+    register(
+        Kind(
+            _name,
+            _fit_kronecker(_correction),
+            _apply_kronecker,
+            description=f'(F + λI)^-1/2, F the {"EK" if _correction else "K"}-FAC Kronecker '
+            'second moment of each block',
+            symmetric=True,
+        )
+    )
 register(
     Kind(
         'mixed',
