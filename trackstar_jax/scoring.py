@@ -21,6 +21,7 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -422,6 +423,31 @@ def make_sum_scorer(mesh: Mesh, unit_norm: bool):
     return step
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSource:
+    """An index whose rows add into per-example sums, and how each row adds.
+
+    Attributes:
+      index: the index of rows.
+      group: [N] which query matrix scores each row.
+      weight: [N] each row's weight (0: left out).
+      example: [N] each row's example number, an index into the example ids.
+    """
+
+    index: Index
+    group: np.ndarray
+    weight: np.ndarray
+    example: np.ndarray
+
+    def __post_init__(self):
+        n = len(self.index)
+        if not len(self.group) == len(self.weight) == len(self.example) == n:
+            raise ValueError(
+                f'{self.index.path}: {n} rows but group/weight/example of lengths '
+                f'{len(self.group)}/{len(self.weight)}/{len(self.example)}.'
+            )
+
+
 def score_summed(
     queries: list[np.ndarray],
     query_ids: list[str],
@@ -434,20 +460,43 @@ def score_summed(
     *,
     mesh: Mesh | None = None,
 ) -> ScoreResult:
-    """Exact top-k examples by a weighted sum of scores over their rows.
+    """Exact top-k examples by a weighted sum of scores over their rows of one index.
 
-    score(q, e) = Σ_{rows r of e} weight[r] · q_{group[r]} · v_r (both sides unit-normed
-    first with ``config.unit_norm``): TracIn-CP over a training-time index, where an
-    example has one row per recorded step. The per-example sums are a dense [Q, E]
-    array on every device (E examples, not rows); the index is streamed once.
+    score(q, e) = Σ_{rows r of e} weight[r] · q_{group[r]} · v_r: TracIn-CP over a
+    training-time index, where an example has one row per recorded step. See
+    :func:`score_summed_sources` (this is it with one source).
+    """
+    return score_summed_sources(
+        queries,
+        query_ids,
+        [RowSource(train, group, weight, example)],
+        example_ids,
+        config,
+        mesh=mesh,
+    )
+
+
+def score_summed_sources(
+    queries: list[np.ndarray],
+    query_ids: list[str],
+    sources: Sequence[RowSource],
+    example_ids: list[str],
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    mesh: Mesh | None = None,
+) -> ScoreResult:
+    """Exact top-k examples by a weighted sum of scores over their rows in several indices.
+
+    score(q, e) = Σ_{sources s} Σ_{rows r of e in s} weight_s[r] · q_{group_s[r]} · v_r
+    (both sides unit-normed first with ``config.unit_norm``): TracIn-CP over a
+    training-time index (one source, a row per recorded step) or over one index per
+    saved checkpoint (one source each). The per-example sums are a dense [Q, E] array on
+    every device (E examples, not rows); each index is streamed once.
 
     Args:
       queries: G query matrices [Q, D] (the same queries featurized at G checkpoints).
       query_ids: the Q query ids.
-      train: the index of rows.
-      group: [N] which query matrix scores each row.
-      weight: [N] each row's weight (0: left out).
-      example: [N] each row's example number, an index into ``example_ids``.
+      sources: the indices of rows and how their rows add.
       example_ids: the E example ids, sorted (their order breaks ties).
       config: k, opponents, unit norm, chunk size.
       mesh: the mesh (default: all devices along data).
@@ -473,24 +522,38 @@ def score_summed(
     qs = jax.device_put(stacked, rep)
     acc = jax.device_put(np.zeros((num_q, num_e), np.float32), rep)
     step = make_sum_scorer(mesh, config.unit_norm)
-    per_row = [
-        jax.device_put(np.asarray(a, dt), rep)
-        for a, dt in ((group, np.int32), (weight, np.float32), (example, np.int32))
-    ]
-    t0 = time.time()
-    for i, (vecs, valid, rows, _) in enumerate(
-        streaming.stream_rows(train, mesh, config.chunk_rows)
-    ):
-        jax.block_until_ready(acc)
-        safe = jnp.clip(rows, 0, len(train) - 1)
-        acc = step(acc, qs, vecs, valid, *(a[safe] for a in per_row))
-        if i % 16 == 0:
-            logging.info(
-                'Summed scores: %d/%d rows, %.0f rows/s',
-                min((i + 1) * vecs.shape[0], len(train)),
-                len(train),
-                min((i + 1) * vecs.shape[0], len(train)) / max(time.time() - t0, 1e-9),
-            )
+    for src in sources:
+        if (
+            len(src.example)
+            and not 0 <= int(np.min(src.example)) <= int(np.max(src.example)) < num_e
+        ):
+            raise ValueError(f'{src.index.path}: example numbers outside [0, {num_e}).')
+        if len(src.group) and not 0 <= int(np.min(src.group)) <= int(np.max(src.group)) < len(
+            queries
+        ):
+            raise ValueError(f'{src.index.path}: groups outside [0, {len(queries)}).')
+        per_row = [
+            jax.device_put(np.asarray(a, dt), rep)
+            for a, dt in ((src.group, np.int32), (src.weight, np.float32), (src.example, np.int32))
+        ]
+        n, t0 = len(src.index), time.time()
+        if n == 0:
+            continue
+        for i, (vecs, valid, rows, _) in enumerate(
+            streaming.stream_rows(src.index, mesh, config.chunk_rows)
+        ):
+            jax.block_until_ready(acc)
+            safe = jnp.clip(rows, 0, n - 1)
+            acc = step(acc, qs, vecs, valid, *(a[safe] for a in per_row))
+            if i % 16 == 0:
+                done = min((i + 1) * vecs.shape[0], n)
+                logging.info(
+                    'Summed scores over %s: %d/%d rows, %.0f rows/s',
+                    src.index.path,
+                    done,
+                    n,
+                    done / max(time.time() - t0, 1e-9),
+                )
     totals = np.asarray(jax.device_get(acc))
 
     def top(sign, size):
