@@ -16,10 +16,12 @@ r"""Every attribution method on one small model, ranked by how well it predicts 
    so several processes can share the work.
 3. Every method scores every (query, training example) pair at the fully trained model:
    the paper's Exp 1-5 and TrackStar, TRAK-style and TRAK (its full (ΦᵀΦ)⁻¹ and Q on our
-   projection), TracIn-CP, representer points, K-FAC
-   and EK-FAC (dense-layer kernels, full parameter space) and BM25, each through the
-   library's own path (``pipeline.run_method``, ``support.representer_scores``,
-   ``kfac.influence``, ``baselines.bm25_top_k``) with k = N.
+   projection), TracIn-CP over the three checkpoints, representer points, K-FAC and
+   EK-FAC twice (dense-layer kernels in the full parameter space; and on the projected
+   index, Kronecker factors of its blocks) and BM25, each through the library's own path
+   (``pipeline.run_method``, ``pipeline.score_checkpoints``,
+   ``support.representer_scores``, ``kfac.influence``, ``baselines.bm25_top_k``) with
+   k = N.
 4. Per method: LDS (``eval.lds``: Spearman between the predicted subset sums and the
    retrained log-probabilities, mean over queries with a 95% bootstrap interval),
    leave-one-out agreement (Spearman, over (query, removed gloss) pairs, between the
@@ -217,8 +219,10 @@ SLUGS = {
     'Exp 4 (+optim)': 'exp4', 'Exp 5 (optim+R)': 'exp5', 'TrackStar': 'trackstar',
     'TRAK-style': 'trak_style', 'TRAK': 'trak', 'TracIn-CP': 'tracin_cp',
     'Representer points': 'representer', 'K-FAC': 'kfac', 'EK-FAC': 'ekfac', 'BM25': 'bm25',
+    'K-FAC (projected)': 'kfac_projected', 'EK-FAC (projected)': 'ekfac_projected',
 }  # fmt: skip
-KFAC_DAMPING = 0.1  # relative: λ = 0.1 x each layer's mean eigenvalue
+KFAC_DAMPING = 0.1  # relative: λ = 0.1 x each layer's (or block's) mean eigenvalue
+FIT_DAMPING = 0.01  # the library default, for R and TRAK's (ΦᵀΦ)⁻¹
 
 GRADIENT_METHODS = {
     # name: (correction, output_fn, preconditioner, unit_norm): the rows of
@@ -233,6 +237,10 @@ GRADIENT_METHODS = {
     # TRAK's (ΦᵀΦ)⁻¹ over all D projected dims and its Q = 1 − p̄ (in the 'trak' output);
     # our two-sided projection, one model (no ensemble).
     'TRAK': ('none', 'trak', 'full', False),
+    # Influence functions on the projected index: (F + λI)⁻¹ with F Kronecker-factored
+    # per block (projected_kfac), damping KFAC_DAMPING as the full-space rows.
+    'K-FAC (projected)': ('none', 'loss', 'kfac_projected', False),
+    'EK-FAC (projected)': ('none', 'loss', 'ekfac_projected', False),
 }
 
 
@@ -268,8 +276,9 @@ def score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots
         t0 = time.time()
         method = pipeline.Method(name=name, correction=correction, output_fn=output_fn,
                                  preconditioner=pre, unit_norm=unit)  # fmt: skip
-        res, _ = pipeline.run_method(method, tr, qu, score_config=pipeline.ScoreConfig(k=n),
-                                     fitted=fitted)  # fmt: skip
+        damping = KFAC_DAMPING if pre.endswith('kfac_projected') else FIT_DAMPING
+        res, _ = pipeline.run_method(method, tr, qu, pipeline.FitConfig(damping=damping),
+                                     pipeline.ScoreConfig(k=n), fitted=fitted)  # fmt: skip
         out[name] = {'scores': dense(res, n), 'index_seconds': secs,
                      'score_seconds': time.time() - t0}  # fmt: skip
         print(f'[lds] scored {name}', flush=True)
@@ -279,14 +288,14 @@ def score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots
     from trackstar_jax import train as train_lib
 
     lr = train_lib.learning_rate_schedule(tc)
-    total, secs_i, secs_s = np.zeros((len(query_ex), n)), 0.0, 0.0
+    checkpoints, secs_i = [], 0.0
     for step, state in sorted(snapshots.items()):
         tr, qu, secs = indices(state, 'adafactor', 'loss', f'step{step}')
-        t0 = time.time()
-        res = pipeline.score(qu, tr, pipeline.fit(tr, qu, pipeline.FitConfig('none')),
-                             pipeline.ScoreConfig(k=n, unit_norm=False))  # fmt: skip
-        total += float(lr(max(step - 1, 0))) * dense(res, n)
-        secs_i, secs_s = secs_i + secs, secs_s + time.time() - t0
+        checkpoints.append(pipeline.Checkpoint(tr, qu, float(lr(max(step - 1, 0)))))
+        secs_i += secs
+    t0 = time.time()
+    res = pipeline.score_checkpoints(checkpoints, pipeline.ScoreConfig(k=n, unit_norm=False))
+    total, secs_s = dense(res, n), time.time() - t0
     out['TracIn-CP'] = {'scores': total, 'index_seconds': secs_i, 'score_seconds': secs_s,
                         'checkpoints': sorted(snapshots)}  # fmt: skip
 
