@@ -17,6 +17,9 @@ Registered kinds (the paper's variants, §3 and Table 1):
     diagonal  per-coordinate 1/sqrt(mean φ² + δ), from the train index
     train     block-diagonal R_train^-1/2
     mixed     block-diagonal (λ R_eval + (1 − λ) R_train)^-1/2, λ given or 'auto' (TrackStar)
+    mixed_shrunk
+              mixed, with R_eval first shrunk toward R_train by its sampling noise
+              (Ledoit-Wolf, :mod:`trackstar_jax.shrinkage`), for small query sets
     full      (R_train + δI)^-1/2 over all D dims as one block (TRAK's (ΦᵀΦ)⁻¹)
     kfac_projected, ekfac_projected
               (F + λI)^-1/2 with F a Kronecker-factored second moment of each block
@@ -34,6 +37,7 @@ a crash leaves the old preconditioner readable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Mapping
@@ -46,12 +50,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from trackstar_jax import hessian, projected_kfac
+from trackstar_jax import hessian, projected_kfac, shrinkage
 from trackstar_jax import index as index_lib
 from trackstar_jax import sharding as shd
 from trackstar_jax.index import Index
 
 FORMAT_VERSION = 2  # 2: per-array checksums
+MAX_SHRINKAGE_QUERIES = 16384  # Ledoit-Wolf shrinkage holds every query vector on the host
 Arrays = Mapping[str, Any]
 
 
@@ -312,7 +317,7 @@ def _apply_diagonal(arrays, vectors):
     return vectors * arrays['scale'][None, :]
 
 
-def _fit_block(train, queries, config, mesh):
+def _fit_block(train, queries, config, mesh, shrink_eval=False):
     r_train, n_train = hessian.autocorrelation(train, mesh=mesh, chunk_rows=config.chunk_rows)
     r_train = r_train / n_train
     r_eval, n_eval, lam, eig_eval = None, 0, 0.0, None
@@ -320,13 +325,31 @@ def _fit_block(train, queries, config, mesh):
         r_eval, n_eval = hessian.autocorrelation(queries, mesh=mesh, chunk_rows=config.chunk_rows)
         r_eval, lam = r_eval / n_eval, config.lam
         nb, db = r_eval.shape[:2]
-        if n_eval < db:  # R_eval's spectrum from the queries' Gram matrices: n_eval^3, not d_b^3
+        if shrink_eval:
+            r_eval, shrunk = _shrunk_eval(r_eval, r_train, queries)
+        elif n_eval < db:  # R_eval's spectrum from the queries' Gram matrices: n^3, not d_b^3
             eig_eval = hessian.low_rank_sorted_eigs(queries.read(slice(0, n_eval)), nb)
     r, info, curves = hessian.mix(
         r_train, r_eval, lam, config.top_k_components, n_train, n_eval, eig_eval
     )
     info = {**info, 'damping': config.damping}
+    if queries is not None and shrink_eval:
+        info.update(shrunk)
     return {'r_inv_sqrt': hessian.inverse_sqrt(r, config.damping).astype(np.float32)}, info, curves
+
+
+def _shrunk_eval(r_eval, r_train, queries):
+    if len(queries) > MAX_SHRINKAGE_QUERIES:
+        raise ValueError(
+            f"'mixed_shrunk' reads every query vector; {len(queries)} > "
+            f"{MAX_SHRINKAGE_QUERIES}. With that many queries R_eval's sampling noise is "
+            "small: use 'mixed'."
+        )
+    alphas, scale = shrinkage.ledoit_wolf_intensity(
+        r_eval, r_train, queries.read(slice(0, len(queries)))
+    )
+    facts = {'shrinkage_alpha': [float(a) for a in alphas], 'shrinkage_target_scale': scale}
+    return shrinkage.shrink(r_eval, r_train, alphas, scale), facts
 
 
 def _apply_block(arrays, vectors):
@@ -400,6 +423,16 @@ register(
         _apply_block,
         uses_queries=True,
         description='block (λ R_eval + (1 − λ) R_train)^-1/2',
+        symmetric=True,
+    )
+)
+register(
+    Kind(
+        'mixed_shrunk',
+        functools.partial(_fit_block, shrink_eval=True),
+        _apply_block,
+        uses_queries=True,
+        description='block (λ R̃_eval + (1 − λ) R_train)^-1/2, R̃_eval Ledoit-Wolf shrunk',
         symmetric=True,
     )
 )
