@@ -381,10 +381,41 @@ def tail_patch_metrics(model, tc, last, train_ex, query_ex, methods) -> dict[str
             'tail_patch_ci': [lo, hi],
             'first_order_pp': float(pred_q.mean()),
             'update_norm': float(np.mean([first[k][1] for ks in keys for k in ks])),
+            'tail_patch_per_query': per_q.tolist(),
+            'first_order_per_query': pred_q.tolist(),
         }
     every = sorted(measured)
     agreement = lds_spearman([first[k][0] for k in every], [measured[k] for k in every])
     return {'methods': out, 'steps': len(pairs), 'first_order_spearman': agreement}
+
+
+# What each part of TrackStar changes: (with, without) pairs of the paper's ablations.
+ABLATION_PAIRS = {
+    'unit norm': ('Exp 2 (+unit)', 'Exp 1 (dot)'),
+    'R_train, no correction': ('Exp 3 (+R)', 'Exp 2 (+unit)'),
+    'optimizer correction': ('Exp 4 (+optim)', 'Exp 2 (+unit)'),
+    'R_train, with correction': ('Exp 5 (optim+R)', 'Exp 4 (+optim)'),
+    'R_eval mixed in': ('TrackStar', 'Exp 5 (optim+R)'),
+    'all of TrackStar vs cosine': ('TrackStar', 'Exp 2 (+unit)'),
+}
+
+
+def ablation_effects(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
+    """Paired (same queries) differences with-minus-without for each ABLATION_PAIRS
+    entry and metric, with 95% bootstrap intervals over queries."""
+    from trackstar_jax.eval import stats
+
+    out = {}
+    for part, (a, b) in ABLATION_PAIRS.items():
+        if a not in per_query or b not in per_query:
+            continue
+        row = {'with': a, 'without': b}
+        for metric in ('lds', 'rr', 'tail_patch', 'first_order'):
+            x, y = per_query[a][metric], per_query[b][metric]
+            ok = np.isfinite(x) & np.isfinite(y)
+            row[metric] = stats.paired_bootstrap(x[ok], y[ok])
+        out[part] = row
+    return out
 
 
 def lds_spearman(a, b) -> float:
@@ -427,10 +458,17 @@ def run(args) -> dict[str, Any]:
     subsets, loo = retrain_jobs(args, model, tc, train_ex, query_ex, masks, loo_rows)
     methods = score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots)
     tails = tail_patch_metrics(model, tc, last, train_ex, query_ex, methods)
-    rows = {}
+    rows, per_query = {}, {}
     for name, m in methods.items():
         s = m['scores']
         r = lds.lds(s, masks, subsets)
+        s_gold = s[np.arange(len(gold)), gold]
+        per_query[name] = {
+            'lds': np.asarray(r.per_query, float),
+            'rr': 1.0 / (s >= s_gold[:, None]).sum(1),
+            'tail_patch': np.asarray(tails['methods'][name]['tail_patch_per_query']),
+            'first_order': np.asarray(tails['methods'][name]['first_order_per_query']),
+        }
         # LOO: the drop in query q's log-probability when gloss r is removed, against
         # the score of r for q, over every (query, removed gloss) pair.
         drop = full[:, None] - loo
@@ -446,7 +484,8 @@ def run(args) -> dict[str, Any]:
             'index_seconds': m['index_seconds'],
             'score_seconds': m['score_seconds'],
         }
-        print(f'[lds] {name}: {rows[name]}', flush=True)
+        brief = {k: v for k, v in rows[name].items() if not k.endswith('per_query')}
+        print(f'[lds] {name}: {brief}', flush=True)
     return {
         'benchmark': 'lds',
         'quick': args.quick,
@@ -468,6 +507,7 @@ def run(args) -> dict[str, Any]:
             'learning_rate_at_last_step': float(train_lib.learning_rate_schedule(tc)(tc.num_steps)),
         },  # fmt: skip
         'methods': rows,
+        'ablations': ablation_effects(per_query),
         'peers': PEERS,
         'wall_seconds': time.time() - t0,
     }
@@ -504,6 +544,19 @@ def readme_table(res: dict[str, Any]) -> str:
             f'{r["first_order_pp"]:+.3f} | {r["update_norm"]:.3f} | '
             f'{r["index_seconds"]:.1f} | {r["score_seconds"]:.1f} |'
         )
+    if res.get('ablations'):
+        lines += [
+            '',
+            'What each part of TrackStar changes (with minus without, paired over the same '
+            'queries, 95% bootstrap interval; tail-patch and first-order in pp):',
+            '',
+            '| part | with − without | LDS | MRR | tail-patch | first-order |',
+            '|---|---|---|---|---|---|',
+        ]
+        for part, a in res['ablations'].items():
+            cells = [f'{a[m]["diff"]:+.3f} [{a[m]["low"]:+.3f}, {a[m]["high"]:+.3f}]'
+                     for m in ('lds', 'rr', 'tail_patch', 'first_order')]  # fmt: skip
+            lines.append(f'| {part} | {a["with"]} − {a["without"]} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
