@@ -6,6 +6,7 @@ example's loss, and the preconditioners are explicit dense (d_in·d_out)² matri
 with np.linalg.solve.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -59,10 +60,12 @@ def toy():
     return model, params, _examples(1, 11), _examples(2, 3, query=True)
 
 
-def _reference_stats(params, examples):
-    """Per layer: a [n, T, d_in], s [n, T, d_out] and the reach mask, by hand."""
+def _reference_stats(params, examples, targets=None):
+    """Per layer: a [n, T, d_in], s [n, T, d_out] and the reach mask, by hand (labels:
+    ``targets`` [n, T] if given, else the tokens)."""
     batch = pad_batch(examples, len(examples), T)
     tokens, mask = jnp.asarray(batch['tokens']), jnp.asarray(batch['loss_mask'])
+    labels = tokens if targets is None else jnp.asarray(targets)
     emb = params['Embed_0']['embedding'][tokens]
     x = jnp.cumsum(emb, axis=1) / jnp.arange(1, T + 1)[:, None]
 
@@ -71,7 +74,7 @@ def _reference_stats(params, examples):
         h = jnp.tanh(y1)
         logits = h @ params['out']['kernel'] + p_out
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        picked = jnp.take_along_axis(logp, labels[:, 1:, None], axis=-1)[..., 0]
         return -jnp.sum(picked * mask[:, 1:]), h
 
     zeros = (jnp.zeros((len(examples), T, HIDDEN)), jnp.zeros((len(examples), T, VOCAB)))
@@ -83,18 +86,18 @@ def _reference_stats(params, examples):
     return a, s, reach
 
 
-def _example_grads(model, params, examples):
+def _example_grads(model, params, examples, targets=None):
     """{layer: [n, d_in, d_out]} from jax.grad of each example's loss, one at a time."""
     out = {'hidden': [], 'out': []}
-    for ex in examples:
+    for i, ex in enumerate(examples):
         b = pad_batch([ex], 1, T)
+        labels = b['tokens'][0] if targets is None else np.asarray(targets[i])
 
-        def loss(p, b=b):
+        def loss(p, b=b, labels=labels):
             logits = model.apply({'params': p}, b['tokens'])
             logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
             return (
-                -np.asarray(b['loss_mask'][0, 1:], np.float64)
-                @ logp[np.arange(T - 1), b['tokens'][0, 1:]]
+                -np.asarray(b['loss_mask'][0, 1:], np.float64) @ logp[np.arange(T - 1), labels[1:]]
             )
 
         g = jax.grad(loss)(params)
@@ -103,10 +106,10 @@ def _example_grads(model, params, examples):
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def _reference_matrices(model, params, examples, damping, corrected):
+def _reference_matrices(model, params, examples, damping, corrected, targets=None):
     """{layer: F + λI} as explicit dense matrices in row-major vec(G) order."""
-    a, s, reach = _reference_stats(params, examples)
-    grads = _example_grads(model, params, examples)
+    a, s, reach = _reference_stats(params, examples, targets)
+    grads = _example_grads(model, params, examples, targets)
     out = {}
     for k in ('hidden', 'out'):
         w = reach.ravel()
@@ -142,6 +145,49 @@ def test_influence_equals_the_brute_force_float64_computation(corrected):
     )
     assert got.shape == (len(queries), len(train)) and np.abs(want).max() > 1e-3
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+
+
+@pytest.mark.parametrize('corrected', [False, True], ids=['kfac', 'ekfac'])
+def test_sampled_label_fisher_equals_the_brute_force_with_the_same_draws(corrected):
+    model, params, train, queries = toy()
+    config = kfac.KfacConfig(seq_len=T, batch_size=16, damping=0.05, seed=3,
+                             eigenvalue_correction=corrected, fisher='sampled')  # fmt: skip
+    fitted = kfac.fit(model, params, train, config)
+    # The labels the fit drew for its one batch (16 rows: the 11 examples, then padding).
+    batch = {k: jnp.asarray(v) for k, v in pad_batch(train, 16, T).items()}
+    drawn = np.asarray(kfac.sample_targets(model, params, batch, kfac.batch_key(config, 0)))
+    drawn = drawn[: len(train)]
+    assert (drawn[:, 1:] != np.asarray(batch['tokens'])[: len(train), 1:]).mean() > 0.3
+    mats = _reference_matrices(model, params, train, 0.05, corrected, targets=drawn)
+    # Influence itself uses the examples' own gradients (the training labels).
+    gq, gm = _example_grads(model, params, queries), _example_grads(model, params, train)
+    want = sum(
+        np.linalg.solve(mats[k], gq[k].reshape(len(queries), -1).T).T
+        @ gm[k].reshape(len(train), -1).T
+        for k in mats
+    )
+    got = kfac.influence(fitted, model, params, queries, train)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+    empirical = kfac.influence(
+        kfac.fit(model, params, train, dataclasses.replace(config, fisher='empirical')),
+        model, params, queries, train,
+    )  # fmt: skip
+    assert not np.allclose(got, empirical, rtol=1e-3)
+
+
+def test_sampled_labels_follow_the_model_distribution():
+    model, params, train, _ = toy()
+    batch = {k: jnp.asarray(v) for k, v in pad_batch(train[:2], 2, T).items()}
+    probs = np.asarray(jax.nn.softmax(model.apply({'params': params}, batch['tokens']), -1))
+    draws = np.stack([
+        np.asarray(kfac.sample_targets(model, params, batch, jax.random.PRNGKey(i)))
+        for i in range(3000)
+    ])  # fmt: skip
+    np.testing.assert_array_equal(draws[:, :, 0], np.broadcast_to(batch['tokens'][:, 0], (3000, 2)))
+    freq = (draws[:, :, 1:, None] == np.arange(VOCAB)).mean(0)  # [2, T - 1, VOCAB]
+    np.testing.assert_allclose(freq, probs[:, :-1], atol=0.04)  # ~4.5 binomial sigmas
+    with pytest.raises(ValueError, match='fisher'):
+        kfac.KfacConfig(seq_len=T, fisher='true')
 
 
 def test_captured_statistics_are_the_hand_written_forward():

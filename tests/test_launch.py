@@ -181,7 +181,23 @@ def test_readme_methods_table_is_generated_from_the_benchmark_json():
     assert result['quick'] is False and result['subsets'] >= 32
     slugs = {m['slug'] for m in result['methods'].values()}
     assert {'trackstar', 'ekfac', 'kfac', 'tracin_cp', 'trak', 'representer'} <= slugs
+    assert {'kfac_projected', 'ekfac_projected'} <= slugs
+    assert 'R_eval mixed in' in result['ablations']
     assert module.write_readme(result, check=True), 'run python benchmarks/lds.py --readme_only'
+
+
+def test_readme_lambda_rule_tables_are_generated_from_the_benchmark_json():
+    """The README's λ-rule tables are the committed lambda_rule.json's, every size in it."""
+    module, result = _benchmark('lambda_rule.py'), _result('lambda_rule.json')
+    assert result['quick'] is False
+    sizes = {s['queries_in_r_eval'] for s in result['settings']}
+    assert sizes == {4, 8, 16, 32} and {s['kind'] for s in result['settings']} == {
+        'mixed',
+        'mixed_shrunk',
+    }
+    assert module.write_readme(result, check=True), (
+        'run python benchmarks/lambda_rule.py --readme_only'
+    )
 
 
 def test_readme_cost_table_is_generated_from_the_benchmark_jsons():

@@ -18,8 +18,10 @@ training gradients are used as they are. Damping is relative and per layer:
 λ = ``damping`` · mean(Λ) (the layer's mean eigenvalue), so a global scale of F (how the
 means are normalised) does not change any ranking.
 
-Stated choices: the Fisher is the *empirical* one (s from the training labels, not from
-labels sampled from the model, which Grosse et al. also use); only ``nn.Dense`` kernels
+Stated choices: the Fisher is the *empirical* one by default (s from the training
+labels); ``fisher='sampled'`` takes s from labels drawn from the model's own predictive
+distribution at every position (the true Fisher, as Grosse et al. use; one draw per
+position, seeded per batch, the same draw in both passes). Only ``nn.Dense`` kernels
 are covered (embeddings, norms and biases are left out, and a module with a bias is an
 error); statistics are float32 sums on the devices, eigendecompositions float64 on the
 host. This is the full parameter space of those layers, for models whose per-layer
@@ -56,18 +58,24 @@ class KfacConfig:
       batch_size: examples per step (a multiple of the mesh's data size).
       damping: relative damping: λ = damping · the layer's mean eigenvalue.
       eigenvalue_correction: True for EK-FAC (a second pass), False for K-FAC.
+      fisher: 'empirical' (training labels) or 'sampled' (labels drawn from the model).
+      seed: the sampled labels' seed (batch i draws with fold_in(PRNGKey(seed), i)).
     """
 
     seq_len: int
     batch_size: int = 16
     damping: float = 0.1
     eigenvalue_correction: bool = True
+    fisher: str = 'empirical'
+    seed: int = 0
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1:
             raise ValueError(f'seq_len must be >= 2 and batch_size >= 1, got {self}.')
         if not self.damping > 0:
             raise ValueError(f'damping must be > 0 (relative), got {self.damping}.')
+        if self.fisher not in ('empirical', 'sampled'):
+            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}.")
 
     @property
     def name(self) -> str:
@@ -86,12 +94,15 @@ def layer_statistics(
 
     s is the gradient of each example's *summed* loss (as ``losses.example_losses``) with
     respect to the layer's output at each position, found by adding a zero to every
-    output and differentiating with respect to it (the model file is not touched).
+    output and differentiating with respect to it (the model file is not touched). The
+    loss's labels are ``batch['targets']`` if given ([B, T], position t's label at t,
+    like ``tokens``; see :func:`sample_targets`), else the tokens themselves.
 
     Raises:
       ValueError: if a dense layer has a bias or is called more than once.
     """
     tokens, mask = batch['tokens'], batch['loss_mask']
+    targets = batch.get('targets', tokens)
 
     def forward(perturb):
         acts: dict[str, jax.Array] = {}
@@ -112,7 +123,7 @@ def layer_statistics(
 
         with nn.intercept_methods(intercept):
             logits = model.apply({'params': params}, tokens)
-        return jnp.sum(_example_losses(logits, tokens, mask)), acts
+        return jnp.sum(_example_losses(logits, targets, mask)), acts
 
     shapes: dict[str, Any] = {}
 
@@ -127,6 +138,30 @@ def layer_statistics(
     zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
     s, acts = jax.grad(forward, has_aux=True)(zeros)
     return acts, s
+
+
+def sample_targets(
+    model: nn.Module, params: Any, batch: Mapping[str, jax.Array], key: jax.Array
+) -> jax.Array:
+    """[B, T] labels drawn from the model: position t's from softmax(logits[t − 1]).
+
+    Position 0 keeps its token (nothing predicts it); the draw is not differentiated.
+    """
+    tokens = batch['tokens']
+    logits = jax.lax.stop_gradient(model.apply({'params': params}, tokens))
+    drawn = jax.random.categorical(key, logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.concatenate([tokens[:, :1], drawn.astype(tokens.dtype)], axis=1)
+
+
+def _with_fisher_labels(model, params, batch, key, config: KfacConfig):
+    if config.fisher == 'empirical':
+        return batch
+    return {**batch, 'targets': sample_targets(model, params, batch, key)}
+
+
+def batch_key(config: KfacConfig, number: int) -> jax.Array:
+    """The sampled-label key of batch ``number`` (the same in both passes)."""
+    return jax.random.fold_in(jax.random.PRNGKey(config.seed), number)
 
 
 def _example_losses(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -263,16 +298,18 @@ def fit(
     # Parameters are arguments, not closed over: a closure would embed every weight in
     # the compiled program as a constant.
     @jax.jit
-    def moments(params, batch):
-        acts, outs = layer_statistics(model, params, batch)
+    def moments(params, batch, key):
+        acts, outs = layer_statistics(
+            model, params, _with_fisher_labels(model, params, batch, key, config)
+        )
         w = reach_mask(batch['loss_mask'])
         cov = lambda x: jnp.einsum('bt,bti,btj->ij', w, x, x)  # noqa: E731
         return {k: (cov(acts[k]), cov(outs[k])) for k in acts}, jnp.sum(w)
 
     sums: dict[str, list[np.ndarray]] = {}
     tokens = 0.0
-    for _, batch in _batches(examples, config):
-        got, n = moments(params, _place(batch, mesh))
+    for number, (_, batch) in enumerate(_batches(examples, config)):
+        got, n = moments(params, _place(batch, mesh), batch_key(config, number))
         for k, (a, s) in got.items():
             if k not in sums:
                 sums[k] = [np.zeros(a.shape), np.zeros(s.shape)]
@@ -295,7 +332,8 @@ def fit(
     bases = {k: (_device_float(f.a_vectors), _device_float(f.s_vectors)) for k, f in layers.items()}
 
     @jax.jit
-    def corrected(params, batch, real):
+    def corrected(params, batch, real, key):
+        batch = _with_fisher_labels(model, params, batch, key, config)
         g = kernel_grads(*layer_statistics(model, params, batch))
         return {k: jnp.einsum('b,bio->io', real, jnp.square(
             jnp.einsum('ij,bio,ok->bjk', bases[k][0], g[k], bases[k][1])))
@@ -303,9 +341,10 @@ def fit(
 
     totals = {k: np.zeros((f.a_values.size, f.s_values.size)) for k, f in layers.items()}
     count = 0
-    for n_real, batch in _batches(examples, config):
+    for number, (n_real, batch) in enumerate(_batches(examples, config)):
         real = (np.arange(config.batch_size) < n_real) & (batch['loss_mask'].sum(1) > 0)
-        got = corrected(params, _place(batch, mesh), _device_float(real))
+        key = batch_key(config, number)
+        got = corrected(params, _place(batch, mesh), _device_float(real), key)
         for k, v in got.items():
             totals[k] += np.asarray(v, np.float64)
         count += int(real.sum())
