@@ -213,6 +213,18 @@ def dense(result, n: int) -> np.ndarray:
     return out
 
 
+def dense_by_id(result, ids: list[str]) -> np.ndarray:
+    """[Q, N] scores from a k = N ScoreResult, columns in the order of ``ids``."""
+    column = {e: i for i, e in enumerate(ids)}
+    out = np.full((len(result.query_ids), len(ids)), np.nan)
+    for q in range(len(result.query_ids)):
+        for e, score in zip(result.ids[q], result.scores[q], strict=True):
+            out[q, column[e]] = score
+    if np.isnan(out).any():
+        raise ValueError('A k = N result did not score every training example.')
+    return out
+
+
 # Short names for the JSON's readers (the table uses the display names).
 SLUGS = {
     'Exp 1 (dot)': 'grad_dot', 'Exp 2 (+unit)': 'grad_cosine', 'Exp 3 (+R)': 'exp3',
@@ -295,7 +307,8 @@ def score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots
         secs_i += secs
     t0 = time.time()
     res = pipeline.score_checkpoints(checkpoints, pipeline.ScoreConfig(k=n, unit_norm=False))
-    total, secs_s = dense(res, n), time.time() - t0
+    # Its rows number the examples in sorted id order, not the index's row order.
+    total, secs_s = dense_by_id(res, [ex['id'] for ex in train_ex]), time.time() - t0
     out['TracIn-CP'] = {'scores': total, 'index_seconds': secs_i, 'score_seconds': secs_s,
                         'checkpoints': sorted(snapshots)}  # fmt: skip
 
