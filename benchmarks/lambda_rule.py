@@ -46,9 +46,8 @@ def per_query(scores: np.ndarray, masks, subsets, gold) -> dict[str, np.ndarray]
     """Per-query LDS and reciprocal rank of the entailing example (ties against it)."""
     from trackstar_jax.eval import lds
 
-    s_gold = scores[np.arange(len(gold)), gold]
-    rank = (scores >= s_gold[:, None]).sum(1)
-    return {'lds': lds.lds(scores, masks, subsets).per_query, 'rr': 1.0 / rank}
+    rr = 1.0 / lds_bench.gold_ranks(scores, gold)
+    return {'lds': lds.lds(scores, masks, subsets).per_query, 'rr': rr}
 
 
 def compare(values: np.ndarray, base: np.ndarray) -> dict[str, float]:

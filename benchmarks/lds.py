@@ -441,10 +441,15 @@ def lds_spearman(a, b) -> float:
     return float(lds.spearman(np.asarray(a), np.asarray(b)))
 
 
+def gold_ranks(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """[Q] 1-based rank of each query's entailing example (ties count ahead of it)."""
+    s_gold = scores[np.arange(len(gold)), gold]
+    return (scores >= s_gold[:, None]).sum(1)
+
+
 def fact_metrics(scores: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     """MRR and Recall@10 of each query's entailing example (ties broken against it)."""
-    s_gold = scores[np.arange(len(gold)), gold]
-    rank = (scores >= s_gold[:, None]).sum(1)  # 1-based; ties count ahead of the gold
+    rank = gold_ranks(scores, gold)
     return {'mrr': float((1.0 / rank).mean()), 'recall_at_10': float((rank <= 10).mean())}
 
 
@@ -479,10 +484,9 @@ def run(args) -> dict[str, Any]:
     for name, m in methods.items():
         s = m['scores']
         r = lds.lds(s, masks, subsets)
-        s_gold = s[np.arange(len(gold)), gold]
         per_query[name] = {
             'lds': np.asarray(r.per_query, float),
-            'rr': 1.0 / (s >= s_gold[:, None]).sum(1),
+            'rr': 1.0 / gold_ranks(s, gold),
             'tail_patch': np.asarray(tails['methods'][name]['tail_patch_per_query']),
             'first_order': np.asarray(tails['methods'][name]['first_order_per_query']),
         }

@@ -70,7 +70,8 @@ def local_accumulator(mesh: Mesh, nb: int, db: int):
 
 
 @functools.cache
-def _combine(mesh: Mesh):
+def combine_partials(mesh: Mesh):
+    """The jit summing per-device partial sums [data, ...] into one replicated array."""
     return jax.jit(lambda a: jnp.sum(a, axis=0), out_shardings=shd.replicated(mesh))
 
 
@@ -117,7 +118,7 @@ def autocorrelation(
                 done / max(time.time() - t0, 1e-9),
             )
     # One reduction over the data axis for the whole pass, then float64 on the host.
-    return np.asarray(jax.device_get(_combine(mesh)(acc)), np.float64), len(idx)
+    return np.asarray(jax.device_get(combine_partials(mesh)(acc)), np.float64), len(idx)
 
 
 def auto_lambda(eig_eval: np.ndarray, eig_train: np.ndarray, k: int) -> float:

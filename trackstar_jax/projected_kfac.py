@@ -49,8 +49,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from trackstar_jax import hessian, streaming
 from trackstar_jax import sharding as shd
-from trackstar_jax import streaming
 from trackstar_jax.index import Index
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -106,11 +106,6 @@ def _accumulator(mesh: Mesh, nb: int, side: int, which: str) -> Callable:
     return jax.jit(step, donate_argnums=0)
 
 
-@functools.cache
-def _combine(mesh: Mesh):
-    return jax.jit(lambda a: jnp.sum(a, axis=0), out_shardings=shd.replicated(mesh))
-
-
 def _stream_sum(
     idx: Index, mesh: Mesh, chunk_rows: int, which: str, shape: tuple[int, ...], *bases
 ) -> np.ndarray:
@@ -135,7 +130,7 @@ def _stream_sum(
                 len(idx),
                 done / max(time.time() - t0, 1e-9),
             )
-    return np.asarray(jax.device_get(_combine(mesh)(acc)), np.float64)
+    return np.asarray(jax.device_get(hessian.combine_partials(mesh)(acc)), np.float64)
 
 
 def _eigh(mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
