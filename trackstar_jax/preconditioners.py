@@ -320,7 +320,7 @@ def _apply_diagonal(arrays, vectors):
 def _fit_block(train, queries, config, mesh, shrink_eval=False):
     r_train, n_train = hessian.autocorrelation(train, mesh=mesh, chunk_rows=config.chunk_rows)
     r_train = r_train / n_train
-    r_eval, n_eval, lam, eig_eval = None, 0, 0.0, None
+    r_eval, n_eval, lam, eig_eval, shrunk = None, 0, 0.0, None, {}
     if queries is not None:
         r_eval, n_eval = hessian.autocorrelation(queries, mesh=mesh, chunk_rows=config.chunk_rows)
         r_eval, lam = r_eval / n_eval, config.lam
@@ -332,9 +332,7 @@ def _fit_block(train, queries, config, mesh, shrink_eval=False):
     r, info, curves = hessian.mix(
         r_train, r_eval, lam, config.top_k_components, n_train, n_eval, eig_eval
     )
-    info = {**info, 'damping': config.damping}
-    if queries is not None and shrink_eval:
-        info.update(shrunk)
+    info = {**info, 'damping': config.damping, **shrunk}
     return {'r_inv_sqrt': hessian.inverse_sqrt(r, config.damping).astype(np.float32)}, info, curves
 
 
