@@ -405,6 +405,17 @@ def score(
     )
 
 
+SPEC_KEYS = ('spec', 'layout', 'dim')  # what makes vectors of two checkpoints comparable
+
+
+def _check_same_spec(a: Index, b: Index, what: str) -> None:
+    """ManifestMismatchError unless ``a`` and ``b`` share the GradientSpec, layout and D
+    (their model and correction may differ: they are featurized at different steps)."""
+    index_lib.check_compatible(
+        {k: a.manifest.get(k) for k in SPEC_KEYS}, {k: b.manifest.get(k) for k in SPEC_KEYS}, what
+    )
+
+
 def score_tracin(
     queries: Mapping[int, Index | str] | Index | str,
     train: Index | str,
@@ -451,12 +462,7 @@ def score_tracin(
     recorded = train_index_lib.checkpoint_fingerprints(train)
     query_ids = None
     for c, q in by_step.items():
-        spec_keys = ('spec', 'layout', 'dim')
-        index_lib.check_compatible(
-            {k: train.manifest.get(k) for k in spec_keys},
-            {k: q.manifest.get(k) for k in spec_keys},
-            f'(training-time index vs queries at checkpoint {c})',
-        )
+        _check_same_spec(train, q, f'(training-time index vs queries at checkpoint {c})')
         expected = recorded.get(c) if c is not None else None
         if expected is not None and expected['model_fingerprint'] != q.manifest.get(
             'model_fingerprint'
@@ -558,12 +564,7 @@ def score_checkpoints(
         if not np.isfinite(weight):
             raise ValueError(f'Checkpoint weight {weight} for {train.path} is not finite.')
         index_lib.check_compatible(train.manifest, queries.manifest, f'(checkpoint {g})')
-        spec_keys = ('spec', 'layout', 'dim')
-        index_lib.check_compatible(
-            {k: first_train.manifest.get(k) for k in spec_keys},
-            {k: train.manifest.get(k) for k in spec_keys},
-            f'(checkpoint 0 vs checkpoint {g})',
-        )
+        _check_same_spec(first_train, train, f'(checkpoint 0 vs checkpoint {g})')
         if sorted(train.ids) != example_ids:
             raise ValueError(
                 f'Train indices {first_train.path} and {train.path} hold different examples: '
