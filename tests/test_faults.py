@@ -628,7 +628,9 @@ def test_no_usable_fact_is_an_error(facts):
     from trackstar_jax.eval import fact_tracing
 
     with pytest.raises(ValueError, match='No fact has an entailing passage'):
-        fact_tracing._prepare([{'id': 'd', 'text': 'x'}], facts, None, fact_tracing.EvalConfig())
+        fact_tracing.prepare_data(
+            [{'id': 'd', 'text': 'x'}], facts, None, fact_tracing.EvalConfig()
+        )
 
 
 FIT_SCORE_WORKER = os.path.join(os.path.dirname(__file__), 'workers', 'fit_score_kill_worker.py')

@@ -213,3 +213,27 @@ def test_side_columns_round_trip_and_are_verified(tmp_path):
     np.testing.assert_array_equal(fresh.extra('token', slice(0, 8)), token[:8])
     with pytest.raises(index.IntegrityError, match='chunk 1'):
         fresh.extra('token', slice(8, 12))
+
+
+def test_select_rows_copies_the_chosen_rows_and_stays_comparable(tmp_path):
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(23, 6)).astype(np.float32)
+    manifest = {'model_fingerprint': 'm', 'spec': {'block_dim': 3}, 'layout': {}}
+    writer = index.create(str(tmp_path / 'src'), manifest, [f'q{i}' for i in range(23)], dim=6,
+                          chunk_rows=5)  # fmt: skip
+    for c in range(writer.num_chunks):
+        a, b = writer.rows(c)
+        writer.write_chunk(c, vecs[a:b], np.arange(a, b, dtype=np.float32))
+    src = writer.finish()
+    rows = [17, 3, 9, 0, 22, 11, 5]
+    sub = index.select_rows(src, rows, str(tmp_path / 'sub'))
+    assert sub.ids == [f'q{r}' for r in rows]
+    np.testing.assert_array_equal(sub.read(slice(0, len(sub))), vecs[rows])
+    np.testing.assert_array_equal(sub.num_targets(), np.asarray(rows, np.float32))
+    index.check_compatible(src.manifest, sub.manifest)  # the same vectors' space
+    assert sub.manifest['selected_rows'] == rows
+    again = index.select_rows(src, rows, str(tmp_path / 'sub'))  # re-open: nothing rewritten
+    np.testing.assert_array_equal(again.read(slice(0, len(again))), vecs[rows])
+    for bad in ([], [3, 3], [23], [-1]):
+        with pytest.raises(ValueError, match='[Rr]ows'):
+            index.select_rows(src, bad, str(tmp_path / 'bad'))

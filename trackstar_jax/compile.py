@@ -157,6 +157,11 @@ def index_program(
     config: CompileConfig,
 ) -> tuple[Any, tuple[Any, ...], Layout]:
     """The fused kernel as the index job runs it, with abstract arguments."""
+    if spec.projection != 'two_sided':
+        raise ValueError(
+            f'Ahead-of-time compilation covers the fused two-sided kernel; projection='
+            f'{spec.projection!r} runs the per-example reference path (small models only).'
+        )
     params = abstract_params(model, config.seq_len, mesh)
     layout = spec.layout(params)
     opt_state = jax.eval_shape(train.make_optimizer(train_config).init, params)

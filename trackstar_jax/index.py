@@ -794,3 +794,35 @@ def derive(
             vecs = transform(src.read(slice(start, stop)))
             writer.write_chunk(chunk, vecs, src_targets[start:stop])
     return writer.finish()
+
+
+def select_rows(src: Index, rows: Sequence[int] | np.ndarray, url: str) -> Index:
+    """Writes a new index holding rows ``rows`` of ``src`` (in that order), vectors and
+    target counts unchanged: e.g. R_eval fitted from a subset of the queries.
+
+    The manifest is ``src``'s (so the new index is comparable with everything ``src``
+    is) plus the source path and the rows taken; resumable like any index.
+    """
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim != 1 or not len(rows):
+        raise ValueError('select_rows needs a non-empty list of rows.')
+    if rows.min() < 0 or rows.max() >= len(src) or len(np.unique(rows)) != len(rows):
+        raise ValueError(f'Rows must be distinct and in [0, {len(src)}); got {rows.tolist()[:10]}.')
+    # Side columns (extras) are not copied: the new index has vectors and counts only.
+    storage = ('dim', 'dtype', 'chunk_rows', 'num_examples', 'format_version', 'created', 'extras')
+    manifest = {
+        **{k: v for k, v in src.manifest.items() if k not in storage},
+        'selected_from': src.path if '://' in src.path else os.path.abspath(src.path),
+        'selected_rows': rows.tolist(),
+    }
+    chunk_rows = int(src.manifest['chunk_rows'])
+    ids = [src.ids[int(r)] for r in rows]
+    writer = create(
+        url, manifest, ids, dim=src.dim, dtype=src.manifest['dtype'], chunk_rows=chunk_rows
+    )
+    targets = src.num_targets()[rows]
+    for chunk, done in enumerate(writer.committed()):
+        if not done:
+            start, stop = writer.rows(chunk)
+            writer.write_chunk(chunk, src.read(rows[start:stop]), targets[start:stop])
+    return writer.finish()

@@ -33,7 +33,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from trackstar_jax import checkpoint, scoring
+from trackstar_jax import checkpoint, scoring, streaming
 from trackstar_jax import index as index_lib
 from trackstar_jax import preconditioners as precond_lib
 from trackstar_jax import train_index as train_index_lib
@@ -512,11 +512,15 @@ class Checkpoint:
         state: each checkpoint has its own correction).
       queries: the query index featurized at the same checkpoint.
       weight: η_c, e.g. the learning rate in effect around the checkpoint.
+      preconditioner: M_c, fitted on this checkpoint's train index (a symmetric kind,
+        or the URL of a saved one), scoring q M_c M_c z at this checkpoint: TRAK's
+        ensemble is one checkpoint per model with its ``full`` (ΦᵀΦ)⁻¹. None: identity.
     """
 
     train: Index | str
     queries: Index | str
     weight: float
+    preconditioner: Preconditioner | str | None = None
 
 
 def score_checkpoints(
@@ -528,11 +532,12 @@ def score_checkpoints(
 ) -> ScoreResult:
     """TracIn-CP over saved checkpoints: exact top-k examples by
 
-        score(q, z) = Σ_c η_c ⟨φ_c(q), φ_c(z)⟩
+        score(q, z) = Σ_c η_c ⟨M_c φ_c(q), M_c φ_c(z)⟩   (M_c = I unless given)
 
     with φ_c the rows of checkpoint c's indices (each featurized at its own params and
     optimizer state). Every train index is streamed once into one [Q, E] sum; nothing is
-    materialised per checkpoint.
+    materialised per checkpoint. With ``unit_norm`` each checkpoint's term is a cosine
+    (both sides normalised after M_c).
 
     Args:
       checkpoints: the checkpoints, any order.
@@ -554,6 +559,7 @@ def score_checkpoints(
         raise ValueError('TracIn-CP needs at least one checkpoint.')
     opened = [(open_index(c.train), open_index(c.queries), float(c.weight)) for c in checkpoints]
     first_train, first_queries, _ = opened[0]
+    mesh = mesh or streaming.default_mesh()
     example_ids = sorted(first_train.ids)
     if len(set(example_ids)) != len(example_ids):
         raise ValueError(f'Train index {first_train.path} repeats example ids.')
@@ -572,17 +578,29 @@ def score_checkpoints(
             )
         if list(queries.ids) != query_ids:
             raise ValueError(f'Query indices hold different queries ({queries.path}).')
-        mats.append(queries.read(slice(0, len(queries))))
-        n = len(train)
+        pre = checkpoints[g].preconditioner
+        if isinstance(pre, str):
+            pre = precond_lib.load(pre)
+        q, scale = scoring.folded_side(
+            queries.read(slice(0, len(queries))),
+            train,
+            pre if pre is not None else precond_lib.identity(train.manifest),
+            config.unit_norm,
+            mesh=mesh,
+            chunk_rows=config.chunk_rows,
+        )
+        mats.append(q)
         sources.append(
             scoring.RowSource(
                 train,
-                np.full(n, g, np.int32),
-                np.full(n, weight, np.float32),
+                np.full(len(train), g, np.int32),
+                (weight * scale).astype(np.float32),
                 np.asarray([number[e] for e in train.ids], np.int32),
             )
         )
-    result = scoring.score_summed_sources(mats, query_ids, sources, example_ids, config, mesh=mesh)
+    # M_c and both sides' norms are folded into the queries and the row weights above.
+    summed = dataclasses.replace(config, unit_norm=False)
+    result = scoring.score_summed_sources(mats, query_ids, sources, example_ids, summed, mesh=mesh)
     if out_path and jax.process_index() == 0:
         result.to_jsonl(out_path)
     return result

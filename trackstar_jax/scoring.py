@@ -402,6 +402,37 @@ def score(
     return result
 
 
+def folded_side(
+    raw_queries: np.ndarray,
+    train: Index,
+    preconditioner: Preconditioner,
+    unit_norm: bool,
+    *,
+    mesh: Mesh | None = None,
+    chunk_rows: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, row_scale) with q·M·M·v (unit_norm: over ||M q|| ||M v||) equal to
+    ``queries @ v * row_scale`` for the stored rows v of ``train``: a symmetric M folded
+    into the queries and the train side's norms into a per-row scale (all ones without
+    unit norm), so rows are scored as stored.
+    """
+    if not precond_lib.get(preconditioner.kind).symmetric:
+        raise ValueError(
+            f'Preconditioner kind {preconditioner.kind!r} is not symmetric: it cannot be '
+            'folded into the queries.'
+        )
+    index_lib.check_compatible(train.manifest, preconditioner.manifest, '(index vs preconditioner)')
+    mesh = mesh or streaming.default_mesh()
+    rep = shd.replicated(mesh)
+    arrays = preconditioner.device_arrays(mesh)
+    q = fold_queries(mesh, preconditioner.kind, unit_norm)(jax.device_put(raw_queries, rep), arrays)
+    scale = np.ones(len(train), np.float32)
+    if unit_norm:
+        norms = row_norms(train, preconditioner, mesh=mesh, chunk_rows=chunk_rows)
+        scale = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+    return np.asarray(q), scale
+
+
 @functools.cache
 def make_sum_scorer(mesh: Mesh, unit_norm: bool):
     """The jit-compiled step adding one chunk's weighted scores into per-example sums.

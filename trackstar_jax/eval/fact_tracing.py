@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -136,7 +136,7 @@ def sub_block(src_side: int, side: int, num_blocks: int):
 
 
 @dataclasses.dataclass
-class _Data:
+class EvalData:
     """The evaluation's facts, candidates and queries."""
 
     facts: list[dict]
@@ -146,7 +146,10 @@ class _Data:
     queries: list[dict]
 
 
-def _prepare(records, all_facts, tokenizer, config: EvalConfig) -> _Data:
+def prepare_data(
+    records: Sequence[dict], all_facts: Sequence[dict], tokenizer: Any, config: EvalConfig
+) -> EvalData:
+    """The facts, candidate pool and examples ``evaluate`` uses for ``config``."""
     facts = select_facts(all_facts, {r['id'] for r in records}, config.num_queries, config.seed)
     if not facts:
         raise ValueError(
@@ -156,7 +159,7 @@ def _prepare(records, all_facts, tokenizer, config: EvalConfig) -> _Data:
     pool = candidate_pool(records, facts, config.num_distractors, config.seed)
     pool_ids = {r['id'] for r in pool}
     entailing = {f['id']: {i for i in f['entailing_ids'] if i in pool_ids} for f in facts}
-    return _Data(
+    return EvalData(
         facts,
         pool,
         entailing,
@@ -165,7 +168,7 @@ def _prepare(records, all_facts, tokenizer, config: EvalConfig) -> _Data:
     )
 
 
-def _content_tag(loaded, spec: grads.GradientSpec, config: EvalConfig, data: _Data) -> str:
+def _content_tag(loaded, spec: grads.GradientSpec, config: EvalConfig, data: EvalData) -> str:
     """A hash of everything the gradient indices depend on: a changed model, spec or
     example (ids, tokens, masks) never meets a stale index."""
     h = hashlib.sha256(
@@ -185,8 +188,16 @@ def _content_tag(loaded, spec: grads.GradientSpec, config: EvalConfig, data: _Da
     return h.hexdigest()[:8]
 
 
-def _gradient_indices(loaded, spec, data, config, mesh, root):
-    """get(correction, output_fn) -> (train, queries) indices, built once each."""
+def gradient_indices(
+    loaded: LoadedModel,
+    spec: grads.GradientSpec,
+    data: EvalData,
+    config: EvalConfig,
+    mesh: Any,
+    root: str,
+) -> Callable[[str, str], tuple[index_lib.Index, index_lib.Index]]:
+    """get(correction, output_fn) -> (train, queries) indices, built once each under
+    ``root`` (resumable; a study over the same setup reuses the evaluation's indices)."""
     cache: dict[tuple[str, str], tuple[index_lib.Index, index_lib.Index]] = {}
     tag = _content_tag(loaded, spec, config, data)
     extra = {'checkpoint_dir': os.path.abspath(loaded.checkpoint_dir)}
@@ -270,7 +281,7 @@ def sweep_indices(train, queries, block_dim: int, root: str):
     )
 
 
-def _baseline_ranking(m: Method, data: _Data, k: int) -> dict[str, list[str]]:
+def _baseline_ranking(m: Method, data: EvalData, k: int) -> dict[str, list[str]]:
     if m.kind == 'gold':
         return {f['id']: sorted(data.entailing[f['id']])[:k] for f in data.facts}
     from trackstar_jax.eval import baselines
@@ -337,7 +348,11 @@ def comparisons(
     return out
 
 
-def _load(checkpoint_dir: str, mesh, train_if_missing: bool) -> LoadedModel:
+def load_for_evaluation(
+    checkpoint_dir: str, mesh: Any, train_if_missing: bool = False
+) -> LoadedModel:
+    """The checkpoint, refused without optimizer state (tail-patch and the correction
+    need V); with ``train_if_missing`` the demo model is trained first."""
     if checkpoint.latest_step(checkpoint_dir) is None:
         if not train_if_missing:
             raise FileNotFoundError(
@@ -412,7 +427,7 @@ def evaluate(
     # names (perhaps mistyped) is never silently replaced by a freshly trained model.
     train_if_missing = train_if_missing and checkpoint_dir is None
     checkpoint_dir = checkpoint_dir or os.path.join(workdir, 'checkpoints')
-    loaded = _load(checkpoint_dir, mesh, train_if_missing)
+    loaded = load_for_evaluation(checkpoint_dir, mesh, train_if_missing)
     if mixture_summary is not None:
         from trackstar_jax.jobs.train_lm import MIXTURE_KEY
 
@@ -426,7 +441,7 @@ def evaluate(
                 'workdir, delete its checkpoints to retrain, or unset evaluate.mixture.'
             )
     tokenizer = checkpoint_tokenizer(loaded, tokenizer_path)
-    data = _prepare(
+    data = prepare_data(
         corpus_lib.load_corpus(corpus_path), corpus_lib.load_facts(facts_path), tokenizer, config
     )
     k = config.k
@@ -442,7 +457,7 @@ def evaluate(
         len(set().union(*data.entailing.values())),
     )
     correct, predicted, p_target = predictions(loaded, data.queries, tokenizer, config.query_len)
-    indices = _gradient_indices(loaded, spec, data, config, mesh, os.path.join(workdir, 'indices'))
+    indices = gradient_indices(loaded, spec, data, config, mesh, os.path.join(workdir, 'indices'))
     # Opponents (the most negative scores) come from the same streamed pass.
     score_config = ScoreConfig(k=k, opponents=k)
     fitted: dict = {}
@@ -588,7 +603,7 @@ def evaluate(
     return results
 
 
-def write_tda_jsonl(path: str, res: Any, data: _Data, texts: Mapping[str, str]) -> str:
+def write_tda_jsonl(path: str, res: Any, data: EvalData, texts: Mapping[str, str]) -> str:
     """One method's proponents and opponents per query, in the JSONL format of the
     TrackStar authors' released results (PAIR-code/pretraining-tda's viewer reads it).
 

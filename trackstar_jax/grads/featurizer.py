@@ -33,6 +33,9 @@ from trackstar_jax.models.llama import LlamaLM
 
 # Logits, log-softmax and its gradient of one kernel step stay under this (float32).
 MAX_LOGITS_BYTES = 256 * 2**20
+PROJECTIONS = ('two_sided', 'one_sided')
+# One-sided matrices above this (float32, replicated on every device) are refused.
+MAX_ONE_SIDED_BYTES = 4 * 2**30
 
 # Models whose examples never interact: the batched kernel is exact for them (tested
 # against the vmap kernel and the reference).
@@ -58,6 +61,10 @@ class GradientSpec:
       precision: of the kernel's projection matmuls: 'default' (float32 on CPU; bf16
         inputs with float32 accumulation on TPU/GPU, the fast path), 'high' or
         'highest' (full float32 passes on accelerators, 3-6x slower on TPU).
+      projection: 'two_sided' (paper: P0 W P1ᵀ per matrix, the fused kernel) or
+        'one_sided' (TRAK's dense JL projection of each block's concatenated gradient,
+        any block_dim; per-example gradients are materialised and the d_b x values
+        matrices live on device, so it is for small models).
     """
 
     block_dim: int = 4096
@@ -70,8 +77,11 @@ class GradientSpec:
     layer_pattern: str = LAYER_PATTERN
     attention_pattern: str = ATTENTION_PATTERN
     precision: str = 'default'
+    projection: str = 'two_sided'
 
     def __post_init__(self):
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f'projection must be one of {PROJECTIONS}, got {self.projection!r}.')
         if self.precision not in kernel.PRECISIONS:
             raise ValueError(f'precision must be one of {sorted(kernel.PRECISIONS)}.')
         if self.correction not in correction_lib.CORRECTIONS:
@@ -81,8 +91,12 @@ class GradientSpec:
         object.__setattr__(self, 'exclude', tuple(self.exclude))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form."""
-        return dataclasses.asdict(self)
+        """JSON-serialisable form. The default projection is left out, so manifests of
+        two-sided indices written before the field existed still match."""
+        d = dataclasses.asdict(self)
+        if d['projection'] == 'two_sided':
+            del d['projection']
+        return d
 
     def layout(self, params: Any) -> Layout:
         """The block layout of ``params`` (arrays or shape structs) under this spec."""
@@ -94,6 +108,7 @@ class GradientSpec:
             exclude=self.exclude,
             layer_pattern=self.layer_pattern,
             attention_pattern=self.attention_pattern,
+            square=self.projection == 'two_sided',
         )
 
 
@@ -116,6 +131,7 @@ class Featurizer:
         max_len: int | None = None,
         batched: bool | None = None,
         max_logits_bytes: int = MAX_LOGITS_BYTES,
+        max_one_sided_bytes: int = MAX_ONE_SIDED_BYTES,
     ):
         """Builds the layout, the corrections and the compiled kernels.
 
@@ -139,6 +155,8 @@ class Featurizer:
           max_logits_bytes: a batch whose [B, T, V] logits (three float32 copies: the
             logits, their log-softmax and its gradient) would exceed this runs in
             sequential slices (``micro_steps``): exact, with one slice's memory.
+          max_one_sided_bytes: with ``spec.projection == 'one_sided'``, refuse when the
+            dense projection matrices would exceed this (they sit on every device).
         """
         self.model = model
         self.spec = spec
@@ -193,6 +211,9 @@ class Featurizer:
         # time) and kept in device memory, never written anywhere.
         entries = [e for e in self.layout.entries if not e.excluded]
         rep = None if mesh is None else shd.replicated(mesh)
+        if spec.projection == 'one_sided':
+            self._init_one_sided(entries, rep, max_one_sided_bytes)
+            return
         projections = jax.jit(
             lambda: projection.projection_pairs(spec.seed, entries, self.layout.side),
             out_shardings=rep,
@@ -218,6 +239,36 @@ class Featurizer:
         )
         self._project = jax.jit(
             lambda g, c: kernel.project_gradients(g, self.layout, c[0], c[1], precision)
+        )
+
+    def _init_one_sided(self, entries, replicated, max_bytes: int) -> None:
+        """The one-sided (TRAK) path: vmap(grad) per example, then one dense matrix per
+        parameter; the fused kernel (two-sided only) is not used."""
+        need = projection.one_sided_bytes(entries, self.spec.block_dim)
+        if need > max_bytes:
+            raise ValueError(
+                f'The one-sided projection of this model needs {need / 2**30:.2f} GiB of '
+                f'matrices on every device (d_b = {self.spec.block_dim} x '
+                f'{need // (4 * self.spec.block_dim):,} gradient values), over the '
+                f'{max_bytes / 2**30:.2f} GiB limit: use projection="two_sided" (the '
+                "paper's, d_b^1/2 x (m + n) per matrix), a smaller block_dim, or raise "
+                'max_one_sided_bytes.'
+            )
+        matrices = jax.jit(
+            lambda: projection.one_sided_matrices(self.spec.seed, entries, self.spec.block_dim),
+            out_shardings=replicated,
+        )()
+        self.constants = (self.corrections, matrices)
+        precision = kernel.PRECISIONS[self.spec.precision]
+        output_fn = self.spec.output_fn
+        self._reference = self._jit(
+            lambda p, c, t, m: kernel.reference_features(
+                self.model, p, t, m, self.layout, c[0], c[1], output_fn, precision, 'one_sided'
+            )
+        )
+        self._fused = self._reference
+        self._project = jax.jit(
+            lambda g, c: kernel.project_gradients_one_sided(g, self.layout, c[0], c[1], precision)
         )
 
     @property
@@ -287,7 +338,8 @@ class Featurizer:
         return np.concatenate([shards[k] for k in sorted(shards)])
 
     def __call__(self, batch: Mapping[str, Any]) -> jax.Array:
-        """Fused kernel: float32 [B, D] for a batch {'tokens', 'loss_mask'}."""
+        """Fused kernel (the reference path for a one-sided spec): float32 [B, D] for a
+        batch {'tokens', 'loss_mask'}."""
         return self._run(self._fused, batch)
 
     def reference(self, batch: Mapping[str, Any]) -> jax.Array:

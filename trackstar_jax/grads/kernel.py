@@ -122,6 +122,34 @@ def project_gradients(
     return jnp.stack(blocks).reshape(-1)
 
 
+def project_gradients_one_sided(
+    grads_by_path: Mapping[str, jax.Array],
+    layout: Layout,
+    corrections: Mapping[str, ParamCorrection],
+    matrices: Mapping[str, jax.Array],
+    precision: jax.lax.Precision = HIGHEST,
+) -> jax.Array:
+    """Correction + one-sided projection of one example's gradients -> float32 [D].
+
+    Block b's vector is Σ_{params in b} vec(W / sqrt(V)) P_param, with P_param
+    [m·n, d_b] from ``projection.one_sided_matrices``: TRAK's JL projection of the
+    block's concatenated corrected gradient.
+    """
+    blocks = [jnp.zeros((layout.block_dim,), jnp.float32) for _ in range(layout.num_blocks)]
+    for entry in layout.entries:
+        if entry.excluded or entry.path not in grads_by_path:
+            continue
+        w = grads_by_path[entry.path].astype(jnp.float32).reshape(entry.matrix_shape)
+        w = _correct(w, corrections[entry.path]).reshape(-1)
+        blocks[entry.block] = blocks[entry.block] + jnp.matmul(
+            w, matrices[entry.path], precision=precision
+        )
+    return jnp.concatenate(blocks)
+
+
+PROJECTORS = {'two_sided': project_gradients, 'one_sided': project_gradients_one_sided}
+
+
 def tree_by_path(tree: Any) -> dict[str, jax.Array]:
     """A param-shaped tree flattened to {path: leaf}."""
     return {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
@@ -141,8 +169,11 @@ def reference_features(
     projections: Mapping[str, tuple[jax.Array, jax.Array]],
     output_fn: str,
     precision: jax.lax.Precision = HIGHEST,
+    projection: str = 'two_sided',
 ) -> jax.Array:
-    """vmap(grad) per example, then project: float32 [B, D]."""
+    """vmap(grad) per example, then project (``projection``: a key of PROJECTORS, with
+    ``projections`` of that form): float32 [B, D]."""
+    project = PROJECTORS[projection]
 
     def objective(p, toks, mask):
         logits = model.apply({'params': p}, toks[None])
@@ -150,7 +181,7 @@ def reference_features(
 
     per_example = jax.vmap(jax.grad(objective), in_axes=(None, 0, 0))(params, tokens, loss_mask)
     return jax.vmap(
-        lambda g: project_gradients(tree_by_path(g), layout, corrections, projections, precision)
+        lambda g: project(tree_by_path(g), layout, corrections, projections, precision)
     )(per_example)
 
 

@@ -148,24 +148,29 @@ def build_layout(
     exclude: tuple[str, ...],
     layer_pattern: str = LAYER_PATTERN,
     attention_pattern: str = ATTENTION_PATTERN,
+    square: bool = True,
 ) -> Layout:
     """Assigns every parameter of ``params`` to a block.
 
     Args:
       params: the param tree (arrays or shape structs).
-      block_dim: dims per block; a perfect square.
+      block_dim: dims per block; a perfect square when ``square`` (the two-sided
+        projection's blocks are side x side matrices).
       num_layer_blocks: G, groups of consecutive layers.
       split_attention_mlp: separate attention and MLP blocks per group.
       exclude: a parameter whose path contains any of these substrings is excluded.
       layer_pattern: regex whose group 1 is the layer index of a path key.
       attention_pattern: regex finding attention parameters.
+      square: require a square block_dim.
 
     Raises:
       ValueError: if block_dim is not a square, no layers are found, or there are fewer
         layers than layer blocks.
     """
+    if block_dim < 1:
+        raise ValueError(f'block_dim={block_dim} must be positive.')
     side = int(round(block_dim**0.5))
-    if side * side != block_dim:
+    if square and side * side != block_dim:
         raise ValueError(f'block_dim={block_dim} must be a perfect square (side x side).')
     layer_re, attn_re = re.compile(layer_pattern), re.compile(attention_pattern)
     leaves = jax.tree_util.tree_leaves_with_path(params)

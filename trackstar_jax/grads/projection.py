@@ -1,4 +1,4 @@
-"""Two-sided Gaussian random projection, a pure function of (seed, block, path).
+"""Gaussian random projections, pure functions of (seed, block, path).
 
 For a gradient viewed as W (m x n) in a block of side k = sqrt(d_b):
 
@@ -9,6 +9,11 @@ device from ``fold_in`` keys, never written to disk; a ``Featurizer`` draws all 
 once and keeps them on device (drawing them inside the kernel dominated its compile
 time). With threefry-partitionable keys they are the same on every host, mesh shape
 and run.
+
+``GradientSpec(projection='one_sided')`` instead projects each block's concatenated
+gradient with one dense N(0, 1/d_b) matrix (:func:`one_sided_matrix`), TRAK's
+Johnson-Lindenstrauss projection: d_b x (values in the block) numbers on device, so it is
+for small models; the two-sided form needs only d_b^1/2 x (m + n) per matrix.
 """
 
 from __future__ import annotations
@@ -68,3 +73,28 @@ def projection_pairs(
         for j, item in enumerate(items):
             drawn[item] = mats[j] * scale
     return {e.path: (drawn[(i, 0)], drawn[(i, 1)]) for i, e in enumerate(entries)}
+
+
+def one_sided_matrix(seed: int, entry: ParamEntry, block_dim: int) -> jax.Array:
+    """P [m·n, block_dim] for ``entry`` (one-sided, TRAK's JL projection); float32,
+    entries N(0, 1/block_dim), so that E<vec(A) P, vec(B) P> = <A, B>.
+
+    A block's vector is the sum over its parameters of vec(W) P: the one-sided
+    projection of the block's concatenated gradient. Its key is the two-sided pair's
+    (:func:`projection_key`) folded once more, so the two never share values.
+    """
+    m, n = entry.matrix_shape
+    key = jax.random.fold_in(projection_key(seed, entry), 1)
+    return jax.random.normal(key, (m * n, block_dim), jnp.float32) * block_dim**-0.5
+
+
+def one_sided_matrices(
+    seed: int, entries: Sequence[ParamEntry], block_dim: int
+) -> dict[str, jax.Array]:
+    """:func:`one_sided_matrix` of every entry, by path."""
+    return {e.path: one_sided_matrix(seed, e, block_dim) for e in entries}
+
+
+def one_sided_bytes(entries: Sequence[ParamEntry], block_dim: int) -> int:
+    """Device memory the one-sided matrices of ``entries`` take (float32)."""
+    return 4 * block_dim * sum(e.matrix_shape[0] * e.matrix_shape[1] for e in entries)
