@@ -16,9 +16,12 @@ r"""Every attribution method on one small model, ranked by how well it predicts 
    so several processes can share the work.
 3. Every method scores every (query, training example) pair at the fully trained model:
    the paper's Exp 1-5 and TrackStar, TRAK-style and TRAK (its full (ΦᵀΦ)⁻¹ and Q on our
-   projection), TracIn-CP over the three checkpoints, representer points, K-FAC and
-   EK-FAC twice (dense-layer kernels in the full parameter space; and on the projected
-   index, Kronecker factors of its blocks) and BM25, each through the library's own path
+   projection), TRAK as its paper defines it (one-sided JL projection of the whole
+   gradient, Q, (ΦᵀΦ)⁻¹ per model; one model, and ``--trak_models`` models trained
+   from different initialisations averaged), TracIn-CP over the three checkpoints,
+   representer points, K-FAC and EK-FAC twice (dense-layer kernels in the full
+   parameter space; and on the projected index, Kronecker factors of its blocks) and
+   BM25, each through the library's own path
    (``pipeline.run_method``, ``pipeline.score_checkpoints``,
    ``support.representer_scores``, ``kfac.influence``, ``baselines.bm25_top_k``) with
    k = N.
@@ -233,6 +236,8 @@ SLUGS = {
     'TRAK-style': 'trak_style', 'TRAK': 'trak', 'TracIn-CP': 'tracin_cp',
     'Representer points': 'representer', 'K-FAC': 'kfac', 'EK-FAC': 'ekfac', 'BM25': 'bm25',
     'K-FAC (projected)': 'kfac_projected', 'EK-FAC (projected)': 'ekfac_projected',
+    'TRAK (paper, 1 model)': 'trak_paper', 'TRAK (paper, ensemble)': 'trak_paper_ensemble',
+    'One step (first-order)': 'one_step_first_order',
 }  # fmt: skip
 KFAC_DAMPING = 0.1  # relative: λ = 0.1 x each layer's (or block's) mean eigenvalue
 FIT_DAMPING = 0.01  # the library default, for R and TRAK's (ΦᵀΦ)⁻¹
@@ -247,8 +252,9 @@ GRADIENT_METHODS = {
     'Exp 5 (optim+R)': ('adafactor', 'loss', 'train', True),
     'TrackStar': ('adafactor', 'loss', 'mixed', True),
     'TRAK-style': ('none', 'trak', 'train', False),
-    # TRAK's (ΦᵀΦ)⁻¹ over all D projected dims and its Q = 1 − p̄ (in the 'trak' output);
-    # our two-sided projection, one model (no ensemble).
+    # TRAK's (ΦᵀΦ)⁻¹ over all D projected dims and its Q = 1 − p̄ (in the 'trak' output)
+    # on our two-sided projection, one model; the paper's own TRAK rows (one-sided
+    # projection, ensemble) are scored in score_methods.
     'TRAK': ('none', 'trak', 'full', False),
     # Influence functions on the projected index: (F + λI)⁻¹ with F Kronecker-factored
     # per block (projected_kfac), damping KFAC_DAMPING as the full-space rows.
@@ -316,6 +322,44 @@ def score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots
     out['TracIn-CP'] = {'scores': total, 'index_seconds': secs_i, 'score_seconds': secs_s,
                         'checkpoints': sorted(snapshots)}  # fmt: skip
 
+    # TRAK as its paper defines it: the one-sided JL projection of the whole gradient
+    # (one block of D dims), its Q (the 'trak' output), (ΦᵀΦ + δI)⁻¹ per model, averaged
+    # over models trained from different initialisations (the first is the main model;
+    # the others' training counts in the ensemble's index seconds).
+    jl = grads.GradientSpec(block_dim=spec.block_dim * 4, num_layer_blocks=1,
+                            split_attention_mlp=False, correction='none', output_fn='trak',
+                            projection='one_sided')  # fmt: skip
+    fit_full = pipeline.FitConfig(preconditioner='full', damping=FIT_DAMPING)
+    members, secs_i = [], 0.0
+    for i in range(args.trak_models):
+        t0 = time.time()
+        state = (
+            last
+            if i == 0
+            else train_on(
+                model, dataclasses.replace(tc, seed=tc.seed + i), train_ex, np.ones(n, bool)
+            )[0]
+        )
+        feat = grads.Featurizer(model, state.params, jl)
+        base = os.path.join(work, f'idx_trak_jl_{i}')
+        tr = pipeline.featurize(feat, train_ex, os.path.join(base, 'train'), cfg)
+        qu = pipeline.featurize(feat, query_ex, os.path.join(base, 'queries'), qcfg)
+        members.append(pipeline.Checkpoint(tr, qu, 1.0, pipeline.fit(tr, None, fit_full)))
+        secs_i += time.time() - t0
+        if i == 0:
+            secs_one = secs_i
+    ids = [ex['id'] for ex in train_ex]
+    for name, group, secs in (
+        ('TRAK (paper, 1 model)', members[:1], secs_one),
+        ('TRAK (paper, ensemble)', members, secs_i),
+    ):
+        t0 = time.time()
+        weighted = [dataclasses.replace(c, weight=1.0 / len(group)) for c in group]
+        res = pipeline.score_checkpoints(weighted, pipeline.ScoreConfig(k=n, unit_norm=False))
+        out[name] = {'scores': dense_by_id(res, ids), 'index_seconds': secs,
+                     'score_seconds': time.time() - t0, 'models': len(group)}  # fmt: skip
+        print(f'[lds] scored {name}', flush=True)
+
     # Representer points: token index of the training glosses, scores summed per gloss.
     t0 = time.time()
     tok = support.TokenIndex(support.featurize_tokens(
@@ -361,6 +405,27 @@ def score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots
 
 
 TAIL_K = 3  # proponents per query in tail-patch
+
+
+ONE_STEP = 'One step (first-order)'
+
+
+def one_step_scores(model, tc, last, train_ex, query_ex) -> dict[str, Any]:
+    """The quantity tail-patch measures, to first order, for every pair: [Q, N]
+    ⟨∇_θ p_q, u_m⟩ with u_m the trainer's one-step update on example m alone.
+
+    Not an attribution method (it takes one optimizer step per candidate): the ceiling a
+    score can reach on tail-patch, and the ranking each method's scores are compared
+    with (``one_step_rho``: per-query Spearman over all candidates).
+    """
+    from trackstar_jax.eval import tail_patch as tp
+
+    t0 = time.time()
+    fn = tp.make_first_order_matrix(model, tc)
+    scores = tp.first_order_matrix(fn, last.params, last.opt_state, query_ex, train_ex,
+                                   k=16, seq_len=SEQ_LEN, query_len=QUERY_LEN)  # fmt: skip
+    print(f'[lds] scored {ONE_STEP}: {time.time() - t0:.0f}s', flush=True)
+    return {'scores': scores, 'index_seconds': 0.0, 'score_seconds': time.time() - t0}
 
 
 def tail_patch_metrics(model, tc, last, train_ex, query_ex, methods) -> dict[str, dict]:
@@ -427,7 +492,7 @@ def ablation_effects(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, d
         if a not in per_query or b not in per_query:
             continue
         row = {'with': a, 'without': b}
-        for metric in ('lds', 'rr', 'tail_patch', 'first_order'):
+        for metric in ('lds', 'rr', 'tail_patch', 'first_order', 'one_step_rho'):
             x, y = per_query[a][metric], per_query[b][metric]
             ok = np.isfinite(x) & np.isfinite(y)
             row[metric] = stats.paired_bootstrap(x[ok], y[ok])
@@ -457,7 +522,7 @@ def run(args) -> dict[str, Any]:
     from trackstar_jax import train as train_lib
     from trackstar_jax.data import corpus as corpus_lib
     from trackstar_jax.data import examples as examples_lib
-    from trackstar_jax.eval import lds
+    from trackstar_jax.eval import lds, stats
 
     t0 = time.time()
     os.makedirs(args.workdir, exist_ok=True)
@@ -479,6 +544,8 @@ def run(args) -> dict[str, Any]:
     loo_rows = [int(g) for g in gold[: args.loo]]
     subsets, loo = retrain_jobs(args, model, tc, train_ex, query_ex, masks, loo_rows)
     methods = score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots)
+    methods[ONE_STEP] = one_step_scores(model, tc, last, train_ex, query_ex)
+    one_step = methods[ONE_STEP]['scores']
     tails = tail_patch_metrics(model, tc, last, train_ex, query_ex, methods)
     rows, per_query = {}, {}
     for name, m in methods.items():
@@ -489,7 +556,10 @@ def run(args) -> dict[str, Any]:
             'rr': 1.0 / gold_ranks(s, gold),
             'tail_patch': np.asarray(tails['methods'][name]['tail_patch_per_query']),
             'first_order': np.asarray(tails['methods'][name]['first_order_per_query']),
+            'one_step_rho': np.array([lds.spearman(s[q], one_step[q]) for q in range(len(s))]),
         }
+        rho = per_query[name]['one_step_rho']
+        rho_mean, rho_lo, rho_hi = stats.bootstrap_ci(rho[np.isfinite(rho)])
         # LOO: the drop in query q's log-probability when gloss r is removed, against
         # the score of r for q, over every (query, removed gloss) pair.
         drop = full[:, None] - loo
@@ -502,6 +572,8 @@ def run(args) -> dict[str, Any]:
             'loo_spearman': loo_rho,
             **fact_metrics(s, gold),
             **tails['methods'][name],
+            'one_step_rho': rho_mean,
+            'one_step_rho_ci': [rho_lo, rho_hi],
             'index_seconds': m['index_seconds'],
             'score_seconds': m['score_seconds'],
         }
@@ -534,6 +606,13 @@ def run(args) -> dict[str, Any]:
     }
 
 
+def _one_step(row: dict[str, Any]) -> str:
+    if 'one_step_rho' not in row:  # results from before the one-step column
+        return '—'
+    lo, hi = row['one_step_rho_ci']
+    return f'{row["one_step_rho"]:.3f} [{lo:.3f}, {hi:.3f}]'
+
+
 def readme_table(res: dict[str, Any]) -> str:
     """The README's method table from the JSON."""
     rows = res['methods']
@@ -548,12 +627,15 @@ def readme_table(res: dict[str, Any]) -> str:
         'proponents (mean, 95% interval over queries), beside its first-order prediction '
         '⟨∇p, u⟩ and the mean norm of the step u (Spearman of measured vs first-order over '
         f'all {res["tail_patch"]["steps"]} steps: '
-        f'{res["tail_patch"]["first_order_spearman"]:.3f}). Seconds were taken while other '
-        'work shared the 2 cores.',
+        f'{res["tail_patch"]["first_order_spearman"]:.3f}). ρ one-step: per query, the '
+        "Spearman correlation over all training examples between the method's scores and "
+        'the first-order one-step change ⟨∇p, u_m⟩ of every example m (mean, 95% interval; '
+        f'the row "{ONE_STEP}" ranks by that quantity itself: the first-order tail-patch '
+        'ceiling of a score). Seconds were taken while other work shared the 2 cores.',
         '',
         '| method | LDS | LOO ρ | MRR | Recall@10 | tail-patch (pp) | first-order (pp) | '
-        '‖u‖ | index s | score s |',
-        '|---|---|---|---|---|---|---|---|---|---|',
+        '‖u‖ | ρ one-step | index s | score s |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for name in sorted(rows, key=lambda n: -rows[n]['lds']):
         r = rows[name]
@@ -562,21 +644,26 @@ def readme_table(res: dict[str, Any]) -> str:
             f'| {name} | {r["lds"]:.3f} [{lo:.3f}, {hi:.3f}] | {r["loo_spearman"]:.3f} | '
             f'{r["mrr"]:.3f} | {r["recall_at_10"]:.3f} | {r["tail_patch_pp"]:+.3f} '
             f'[{r["tail_patch_ci"][0]:+.3f}, {r["tail_patch_ci"][1]:+.3f}] | '
-            f'{r["first_order_pp"]:+.3f} | {r["update_norm"]:.3f} | '
+            f'{r["first_order_pp"]:+.3f} | {r["update_norm"]:.3f} | {_one_step(r)} | '
             f'{r["index_seconds"]:.1f} | {r["score_seconds"]:.1f} |'
         )
     if res.get('ablations'):
+        metrics = ['lds', 'rr', 'tail_patch', 'first_order']
+        heads = ['LDS', 'MRR', 'tail-patch', 'first-order']
+        if all('one_step_rho' in a for a in res['ablations'].values()):
+            metrics.append('one_step_rho')
+            heads.append('ρ one-step')
         lines += [
             '',
             'What each part of TrackStar changes (with minus without, paired over the same '
             'queries, 95% bootstrap interval; tail-patch and first-order in pp):',
             '',
-            '| part | with − without | LDS | MRR | tail-patch | first-order |',
-            '|---|---|---|---|---|---|',
+            '| part | with − without | ' + ' | '.join(heads) + ' |',
+            '|---|---|' + '---|' * len(heads),
         ]
         for part, a in res['ablations'].items():
             cells = [f'{a[m]["diff"]:+.3f} [{a[m]["low"]:+.3f}, {a[m]["high"]:+.3f}]'
-                     for m in ('lds', 'rr', 'tail_patch', 'first_order')]  # fmt: skip
+                     for m in metrics]  # fmt: skip
             lines.append(f'| {part} | {a["with"]} − {a["without"]} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -596,6 +683,7 @@ def main(argv=None) -> None:
     parser.add_argument('--loo', type=int, default=8)
     parser.add_argument('--steps', type=int, default=300)
     parser.add_argument('--shard', default='0/1', help='i/n: run every n-th retraining')
+    parser.add_argument('--trak_models', type=int, default=4, help="TRAK's ensemble size")
     parser.add_argument('--out', default=None)
     parser.add_argument('--readme_only', action='store_true')
     args = parser.parse_args(argv)
@@ -605,7 +693,7 @@ def main(argv=None) -> None:
         return
     if args.quick:
         args.train, args.queries, args.subsets = 64, 8, 8
-        args.loo, args.steps = 2, 30
+        args.loo, args.steps, args.trak_models = 2, 30, 2
     res = run(args)
     out = args.out or os.path.join(
         harness.RESULTS_DIR, 'methods_quick.json' if args.quick else 'methods.json'

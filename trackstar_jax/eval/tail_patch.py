@@ -109,6 +109,68 @@ def make_first_order(model: nn.Module, train_config: train.TrainConfig) -> Calla
     return fn
 
 
+def make_first_order_matrix(
+    model: nn.Module, train_config: train.TrainConfig
+) -> Callable[..., jax.Array]:
+    """``fn(params, opt_state, proponents, queries) -> [K, Q]``: the first-order
+    prediction of every (proponent, query) tail-patch Δp at once, ⟨∇_θ p_q, u_k⟩.
+
+    One step per proponent (its update u_k, as :func:`make_first_order`) and one
+    forward-mode derivative along u_k of all Q queries' target probabilities, so a whole
+    candidate set can be ranked by the quantity tail-patch measures to first order.
+
+    Args of ``fn``: as :func:`make_first_order`'s, with ``queries`` batched: {'tokens',
+    'loss_mask'} of shape [Q, T'].
+    """
+    tx = train.make_optimizer(train_config)
+
+    def target_probs(params, queries):
+        logits = model.apply({'params': params}, queries['tokens'])
+        return jnp.exp(-losses.example_losses(logits, queries['tokens'], queries['loss_mask']))
+
+    def one(params, opt_state, tokens, mask, queries):
+        updates = _update(model, tx, params, opt_state, tokens, mask)
+        return jax.jvp(lambda p: target_probs(p, queries), (params,), (updates,))[1]
+
+    @jax.jit
+    def fn(params, opt_state, proponents, queries):
+        return jax.vmap(one, in_axes=(None, None, 0, 0, None))(
+            params, opt_state, proponents['tokens'], proponents['loss_mask'], queries
+        )
+
+    return fn
+
+
+def first_order_matrix(
+    fn: Callable[..., jax.Array],
+    params: Any,
+    opt_state: Any,
+    queries: Sequence[dict],
+    examples: Sequence[dict],
+    k: int,
+    seq_len: int,
+    query_len: int,
+) -> np.ndarray:
+    """[Q, N] first-order tail-patch Δp of every query against every example, with
+    :func:`make_first_order_matrix`'s ``fn`` over groups of k examples of similar length
+    (each group padded to a power-of-two length; padding rows computed and dropped)."""
+    q_batch = examples_lib.pad_batch(list(queries), len(queries), query_len)
+    out = np.zeros((len(queries), len(examples)), np.float64)
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]['tokens']), i))
+    t0 = time.time()
+    for s in range(0, len(order), k):
+        group = order[s : s + k]
+        rows = [examples[i] for i in group]
+        length = examples_lib.bucket_length(max(len(r['tokens']) for r in rows), seq_len)
+        batch = examples_lib.pad_batch(rows + [rows[0]] * (k - len(rows)), k, length)
+        values = np.asarray(fn(params, opt_state, batch, q_batch))
+        out[:, group] = values[: len(group)].T
+        if (s // k) % 20 == 0:
+            logging.info('First-order matrix: %d/%d examples, %.0fs', s + len(group),
+                         len(examples), time.time() - t0)  # fmt: skip
+    return out
+
+
 def tail_patch_scores(
     fn: Callable[..., jax.Array],
     params: Any,
