@@ -416,16 +416,21 @@ def one_step_scores(model, tc, last, train_ex, query_ex) -> dict[str, Any]:
 
     Not an attribution method (it takes one optimizer step per candidate): the ceiling a
     score can reach on tail-patch, and the ranking each method's scores are compared
-    with (``one_step_rho``: per-query Spearman over all candidates).
+    with (``one_step_rho``: per-query Spearman over all candidates). ``unclipped``: the
+    same with Adafactor's update clipping lifted (threshold 1e9, the state unchanged),
+    the ranking the step would have if clipping did not bind.
     """
     from trackstar_jax.eval import tail_patch as tp
 
     t0 = time.time()
-    fn = tp.make_first_order_matrix(model, tc)
-    scores = tp.first_order_matrix(fn, last.params, last.opt_state, query_ex, train_ex,
-                                   k=16, seq_len=SEQ_LEN, query_len=QUERY_LEN)  # fmt: skip
+    out = {}
+    unclipped = dataclasses.replace(tc, clipping_threshold=1e9)
+    for name, config in (('scores', tc), ('unclipped', unclipped)):
+        fn = tp.make_first_order_matrix(model, config)
+        out[name] = tp.first_order_matrix(fn, last.params, last.opt_state, query_ex, train_ex,
+                                          k=16, seq_len=SEQ_LEN, query_len=QUERY_LEN)  # fmt: skip
     print(f'[lds] scored {ONE_STEP}: {time.time() - t0:.0f}s', flush=True)
-    return {'scores': scores, 'index_seconds': 0.0, 'score_seconds': time.time() - t0}
+    return {**out, 'index_seconds': 0.0, 'score_seconds': time.time() - t0}
 
 
 def tail_patch_metrics(model, tc, last, train_ex, query_ex, methods) -> dict[str, dict]:
@@ -492,7 +497,8 @@ def ablation_effects(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, d
         if a not in per_query or b not in per_query:
             continue
         row = {'with': a, 'without': b}
-        for metric in ('lds', 'rr', 'tail_patch', 'first_order', 'one_step_rho'):
+        for metric in ('lds', 'rr', 'tail_patch', 'first_order', 'one_step_rho',
+                       'unclipped_rho'):  # fmt: skip
             x, y = per_query[a][metric], per_query[b][metric]
             ok = np.isfinite(x) & np.isfinite(y)
             row[metric] = stats.paired_bootstrap(x[ok], y[ok])
@@ -519,6 +525,8 @@ def fact_metrics(scores: np.ndarray, gold: np.ndarray) -> dict[str, float]:
 
 
 def run(args) -> dict[str, Any]:
+    import jax
+
     from trackstar_jax import train as train_lib
     from trackstar_jax.data import corpus as corpus_lib
     from trackstar_jax.data import examples as examples_lib
@@ -545,7 +553,7 @@ def run(args) -> dict[str, Any]:
     subsets, loo = retrain_jobs(args, model, tc, train_ex, query_ex, masks, loo_rows)
     methods = score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots)
     methods[ONE_STEP] = one_step_scores(model, tc, last, train_ex, query_ex)
-    one_step = methods[ONE_STEP]['scores']
+    one_step, unclipped = methods[ONE_STEP]['scores'], methods[ONE_STEP].pop('unclipped')
     tails = tail_patch_metrics(model, tc, last, train_ex, query_ex, methods)
     rows, per_query = {}, {}
     for name, m in methods.items():
@@ -557,9 +565,13 @@ def run(args) -> dict[str, Any]:
             'tail_patch': np.asarray(tails['methods'][name]['tail_patch_per_query']),
             'first_order': np.asarray(tails['methods'][name]['first_order_per_query']),
             'one_step_rho': np.array([lds.spearman(s[q], one_step[q]) for q in range(len(s))]),
+            'unclipped_rho': np.array([lds.spearman(s[q], unclipped[q]) for q in range(len(s))]),
         }
-        rho = per_query[name]['one_step_rho']
-        rho_mean, rho_lo, rho_hi = stats.bootstrap_ci(rho[np.isfinite(rho)])
+        rhos = {}
+        for key in ('one_step_rho', 'unclipped_rho'):
+            rho = per_query[name][key]
+            mean, lo, hi = stats.bootstrap_ci(rho[np.isfinite(rho)])
+            rhos[key], rhos[key + '_ci'] = mean, [lo, hi]
         # LOO: the drop in query q's log-probability when gloss r is removed, against
         # the score of r for q, over every (query, removed gloss) pair.
         drop = full[:, None] - loo
@@ -572,13 +584,14 @@ def run(args) -> dict[str, Any]:
             'loo_spearman': loo_rho,
             **fact_metrics(s, gold),
             **tails['methods'][name],
-            'one_step_rho': rho_mean,
-            'one_step_rho_ci': [rho_lo, rho_hi],
+            **rhos,
             'index_seconds': m['index_seconds'],
             'score_seconds': m['score_seconds'],
         }
         brief = {k: v for k, v in rows[name].items() if not k.endswith('per_query')}
         print(f'[lds] {name}: {brief}', flush=True)
+    lr_last = float(train_lib.learning_rate_schedule(tc)(tc.num_steps))
+    num_params = sum(int(np.size(x)) for x in jax.tree.leaves(last.params))
     return {
         'benchmark': 'lds',
         'quick': args.quick,
@@ -597,7 +610,12 @@ def run(args) -> dict[str, Any]:
             'proponents_per_query': TAIL_K,
             'steps': tails['steps'],
             'first_order_spearman': tails['first_order_spearman'],
-            'learning_rate_at_last_step': float(train_lib.learning_rate_schedule(tc)(tc.num_steps)),
+            'learning_rate_at_last_step': lr_last,
+            # ||u|| when update clipping binds on every parameter (each tensor's update
+            # has RMS = lr): the ceiling every one-example step's norm is measured against.
+            'update_norm_all_clipped': lr_last * float(np.sqrt(num_params)),
+            'clipping_threshold': tc.clipping_threshold,
+            'parameter_scaling': False,
         },  # fmt: skip
         'methods': rows,
         'ablations': ablation_effects(per_query),
@@ -631,7 +649,9 @@ def readme_table(res: dict[str, Any]) -> str:
         "Spearman correlation over all training examples between the method's scores and "
         'the first-order one-step change ⟨∇p, u_m⟩ of every example m (mean, 95% interval; '
         f'the row "{ONE_STEP}" ranks by that quantity itself: the first-order tail-patch '
-        'ceiling of a score). Seconds were taken while other work shared the 2 cores.',
+        'ceiling of a score; ρ unclipped, in the second table: the same against the step '
+        "with Adafactor's update clipping lifted). Seconds were taken while other work "
+        'shared the 2 cores.',
         '',
         '| method | LDS | LOO ρ | MRR | Recall@10 | tail-patch (pp) | first-order (pp) | '
         '‖u‖ | ρ one-step | index s | score s |',
@@ -651,8 +671,8 @@ def readme_table(res: dict[str, Any]) -> str:
         metrics = ['lds', 'rr', 'tail_patch', 'first_order']
         heads = ['LDS', 'MRR', 'tail-patch', 'first-order']
         if all('one_step_rho' in a for a in res['ablations'].values()):
-            metrics.append('one_step_rho')
-            heads.append('ρ one-step')
+            metrics += ['one_step_rho', 'unclipped_rho']
+            heads += ['ρ one-step', 'ρ unclipped']
         lines += [
             '',
             'What each part of TrackStar changes (with minus without, paired over the same '
