@@ -408,6 +408,8 @@ TAIL_K = 3  # proponents per query in tail-patch
 
 
 ONE_STEP = 'One step (first-order)'
+# Changes to the trainer's step whose one-step ranking each method is also compared with.
+STEP_VARIANTS = {'unclipped': {'clipping_threshold': 1e9}, 'frozen_v': {'decay_rate': 100.0}}
 
 
 def one_step_scores(model, tc, last, train_ex, query_ex) -> dict[str, Any]:
@@ -416,16 +418,19 @@ def one_step_scores(model, tc, last, train_ex, query_ex) -> dict[str, Any]:
 
     Not an attribution method (it takes one optimizer step per candidate): the ceiling a
     score can reach on tail-patch, and the ranking each method's scores are compared
-    with (``one_step_rho``: per-query Spearman over all candidates). ``unclipped``: the
-    same with Adafactor's update clipping lifted (threshold 1e9, the state unchanged),
-    the ranking the step would have if clipping did not bind.
+    with (``one_step_rho``: per-query Spearman over all candidates). Two variants of the
+    step, with the same saved state, say which part of it sets that ranking:
+    ``unclipped`` lifts Adafactor's update clipping (threshold 1e9) and ``frozen_v``
+    keeps its second moments at the saved V (decay exponent 100: the step's own g²
+    gets weight 0, so u = lr·clip(g/√V), the correction TrackStar applies).
     """
     from trackstar_jax.eval import tail_patch as tp
 
     t0 = time.time()
     out = {}
-    unclipped = dataclasses.replace(tc, clipping_threshold=1e9)
-    for name, config in (('scores', tc), ('unclipped', unclipped)):
+    variants = {'scores': tc, **{name: dataclasses.replace(tc, **change)
+                                 for name, change in STEP_VARIANTS.items()}}  # fmt: skip
+    for name, config in variants.items():
         fn = tp.make_first_order_matrix(model, config)
         out[name] = tp.first_order_matrix(fn, last.params, last.opt_state, query_ex, train_ex,
                                           k=16, seq_len=SEQ_LEN, query_len=QUERY_LEN)  # fmt: skip
@@ -498,7 +503,7 @@ def ablation_effects(per_query: dict[str, dict[str, np.ndarray]]) -> dict[str, d
             continue
         row = {'with': a, 'without': b}
         for metric in ('lds', 'rr', 'tail_patch', 'first_order', 'one_step_rho',
-                       'unclipped_rho'):  # fmt: skip
+                       *(f'{v}_rho' for v in STEP_VARIANTS)):  # fmt: skip
             x, y = per_query[a][metric], per_query[b][metric]
             ok = np.isfinite(x) & np.isfinite(y)
             row[metric] = stats.paired_bootstrap(x[ok], y[ok])
@@ -553,7 +558,8 @@ def run(args) -> dict[str, Any]:
     subsets, loo = retrain_jobs(args, model, tc, train_ex, query_ex, masks, loo_rows)
     methods = score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots)
     methods[ONE_STEP] = one_step_scores(model, tc, last, train_ex, query_ex)
-    one_step, unclipped = methods[ONE_STEP]['scores'], methods[ONE_STEP].pop('unclipped')
+    one_step = methods[ONE_STEP]['scores']
+    variant_scores = {v: methods[ONE_STEP].pop(v) for v in STEP_VARIANTS}
     tails = tail_patch_metrics(model, tc, last, train_ex, query_ex, methods)
     rows, per_query = {}, {}
     for name, m in methods.items():
@@ -565,10 +571,11 @@ def run(args) -> dict[str, Any]:
             'tail_patch': np.asarray(tails['methods'][name]['tail_patch_per_query']),
             'first_order': np.asarray(tails['methods'][name]['first_order_per_query']),
             'one_step_rho': np.array([lds.spearman(s[q], one_step[q]) for q in range(len(s))]),
-            'unclipped_rho': np.array([lds.spearman(s[q], unclipped[q]) for q in range(len(s))]),
-        }
+            **{f'{v}_rho': np.array([lds.spearman(s[q], t[q]) for q in range(len(s))])
+               for v, t in variant_scores.items()},
+        }  # fmt: skip
         rhos = {}
-        for key in ('one_step_rho', 'unclipped_rho'):
+        for key in ('one_step_rho', *(f'{v}_rho' for v in STEP_VARIANTS)):
             rho = per_query[name][key]
             mean, lo, hi = stats.bootstrap_ci(rho[np.isfinite(rho)])
             rhos[key], rhos[key + '_ci'] = mean, [lo, hi]
@@ -649,9 +656,10 @@ def readme_table(res: dict[str, Any]) -> str:
         "Spearman correlation over all training examples between the method's scores and "
         'the first-order one-step change ⟨∇p, u_m⟩ of every example m (mean, 95% interval; '
         f'the row "{ONE_STEP}" ranks by that quantity itself: the first-order tail-patch '
-        'ceiling of a score; ρ unclipped, in the second table: the same against the step '
-        "with Adafactor's update clipping lifted). Seconds were taken while other work "
-        'shared the 2 cores.',
+        'ceiling of a score; in the second table ρ unclipped and ρ frozen V: the same '
+        "against the step with Adafactor's update clipping lifted, and with its second "
+        "moments kept at the saved V instead of taking in the step's own g²). Seconds were "
+        'taken while other work shared the 2 cores.',
         '',
         '| method | LDS | LOO ρ | MRR | Recall@10 | tail-patch (pp) | first-order (pp) | '
         '‖u‖ | ρ one-step | index s | score s |',
@@ -671,8 +679,8 @@ def readme_table(res: dict[str, Any]) -> str:
         metrics = ['lds', 'rr', 'tail_patch', 'first_order']
         heads = ['LDS', 'MRR', 'tail-patch', 'first-order']
         if all('one_step_rho' in a for a in res['ablations'].values()):
-            metrics += ['one_step_rho', 'unclipped_rho']
-            heads += ['ρ one-step', 'ρ unclipped']
+            metrics += ['one_step_rho', 'unclipped_rho', 'frozen_v_rho']
+            heads += ['ρ one-step', 'ρ unclipped', 'ρ frozen V']
         lines += [
             '',
             'What each part of TrackStar changes (with minus without, paired over the same '
