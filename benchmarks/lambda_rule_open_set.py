@@ -67,7 +67,7 @@ def per_query(scores: np.ndarray, gold: list[np.ndarray]) -> dict[str, np.ndarra
 def run(args) -> dict[str, Any]:
     import trackstar_jax  # noqa: F401 - registers the gin configurables
     import trackstar_jax.jobs.attribution  # noqa: F401 - estimate_moments, evaluate
-    from trackstar_jax import gin_utils, grads, pipeline
+    from trackstar_jax import gin_utils, pipeline
     from trackstar_jax import index as index_lib
     from trackstar_jax import sharding as shd
     from trackstar_jax.data import corpus as corpus_lib
@@ -77,9 +77,11 @@ def run(args) -> dict[str, Any]:
 
     t_start = time.time()
     gin_utils.parse([args.gin_file], [])
-    spec = grads.GradientSpec()
-    config = fact_tracing.EvalConfig()
-    fit_base = pipeline.FitConfig()
+    # The gin-bound configurables (gin_utils'), not the plain dataclasses: the gin file's
+    # settings reach only those, and the index must be the one evaluate builds.
+    spec = gin_utils.GradientSpec()
+    config = gin_utils.EvalConfig()
+    fit_base = gin_utils.FitConfig()
     checkpoint_dir = args.checkpoint_dir
     mesh = shd.make_mesh(((shd.DATA, -1), (shd.MODEL, 1)))
     loaded = fact_tracing.load_for_evaluation(checkpoint_dir, mesh)
