@@ -181,7 +181,9 @@ def test_readme_methods_table_is_generated_from_the_benchmark_json():
     assert result['quick'] is False and result['subsets'] >= 32
     slugs = {m['slug'] for m in result['methods'].values()}
     assert {'trackstar', 'ekfac', 'kfac', 'tracin_cp', 'trak', 'representer'} <= slugs
-    assert {'kfac_projected', 'ekfac_projected'} <= slugs
+    assert {'kfac_projected', 'ekfac_projected', 'trak_paper', 'trak_paper_ensemble'} <= slugs
+    assert 'one_step_first_order' in slugs
+    assert all('one_step_rho' in m and 'frozen_v_rho' in m for m in result['methods'].values())
     assert 'R_eval mixed in' in result['ablations']
     assert module.write_readme(result, check=True), 'run python benchmarks/lds.py --readme_only'
 
