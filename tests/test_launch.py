@@ -202,6 +202,17 @@ def test_readme_lambda_rule_tables_are_generated_from_the_benchmark_json():
     )
 
 
+def test_readme_open_set_lambda_rule_tables_are_generated_from_the_benchmark_json():
+    """The README's open-set λ-rule tables are the committed lambda_rule_open_set.json's."""
+    module = _benchmark('lambda_rule_open_set.py')
+    result = _result('lambda_rule_open_set.json')
+    assert result['queries'] in {s['queries_in_r_eval'] for s in result['settings']}
+    assert {s['kind'] for s in result['settings']} == {'mixed', 'mixed_shrunk'}
+    assert module.write_readme(result, check=True), (
+        'run python benchmarks/lambda_rule_open_set.py --readme_only'
+    )
+
+
 def test_readme_cost_table_is_generated_from_the_benchmark_jsons():
     """The README's costs table is the committed train_index / vs_bergson / pipeline JSONs'."""
     out = subprocess.run(
