@@ -9,7 +9,9 @@ Writes an Orbax checkpoint (step 0, ``{'params': ...}``) and ``tokenizer.json`` 
 
 --check runs the imported model on real text: greedy continuations of a few prompts
 (" Rome" after "The capital of Italy is") and the token perplexity of Wikipedia passages
-from the embedded corpus, and writes them with the command line to --results.
+from the embedded corpus, and writes them with the command line to --results
+(``<output>/import_check.json`` unless named; ``--results=benchmarks/results/
+import_check.json`` refreshes the committed record).
 """
 
 import json
@@ -35,7 +37,10 @@ _GGUF = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string('output', 'runs/smollm2_135m', 'Checkpoint directory to write.')
 _CHECK = flags.DEFINE_bool('check', False, 'Run the generation/perplexity check afterwards.')
 _RESULTS = flags.DEFINE_string(
-    'results', 'benchmarks/results/import_check.json', 'Where --check writes its results.'
+    'results',
+    None,
+    'Where --check writes its results (default: <output>/import_check.json; the committed '
+    'benchmarks/results/import_check.json changes only when named here).',
 )
 _PROMPTS = flags.DEFINE_multi_string(
     'prompt',
@@ -134,10 +139,11 @@ def main(argv):
     print(f'Wikipedia perplexity: {results["wikipedia"]["perplexity"]:.2f}')
     italy = next((c for c in results['continuations'] if 'Italy' in c['prompt']), None)
     results['rome_first'] = bool(italy and italy['continuation'].startswith(' Rome'))
-    os.makedirs(os.path.dirname(_RESULTS.value) or '.', exist_ok=True)
-    with open(_RESULTS.value, 'w') as f:
+    out = _RESULTS.value or os.path.join(_OUTPUT.value, 'import_check.json')
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+    with open(out, 'w') as f:
         json.dump(results, f, indent=1)
-    logging.info('Wrote %s.', _RESULTS.value)
+    logging.info('Wrote %s.', out)
 
 
 if __name__ == '__main__':
