@@ -715,6 +715,8 @@ def main(argv=None) -> None:
     parser.add_argument('--out', default=None)
     parser.add_argument('--readme_only', action='store_true')
     args = parser.parse_args(argv)
+    if args.trak_models < 1:
+        parser.error('--trak_models must be at least 1 (the first is the main model).')
     if args.readme_only:
         with open(os.path.join(harness.RESULTS_DIR, 'methods.json')) as f:
             write_readme(json.load(f))

@@ -52,9 +52,7 @@ def make_tail_patch(
     def fn(params, opt_state, proponents, query):
         before = target_prob(params, query)
         if proponent_batch is None:
-            after = jax.vmap(one, in_axes=(None, None, 0, 0, None))(
-                params, opt_state, proponents['tokens'], proponents['loss_mask'], query
-            )
+            after = _each_proponent(one)(params, opt_state, proponents, query)
         else:
             after = jax.lax.map(
                 lambda row: one(params, opt_state, row[0], row[1], query),
@@ -66,13 +64,31 @@ def make_tail_patch(
     return fn
 
 
-def _target_prob(model: nn.Module) -> Callable[[Any, dict], jax.Array]:
-    def target_prob(params, query):
-        logits = model.apply({'params': params}, query['tokens'][None])
-        loss = losses.example_losses(logits, query['tokens'][None], query['loss_mask'][None])
-        return jnp.exp(-loss[0])
+def _target_probs(model: nn.Module) -> Callable[[Any, dict], jax.Array]:
+    """``fn(params, queries [Q, T']) -> [Q]`` p(target | prompt) of every query."""
 
-    return target_prob
+    def target_probs(params, queries):
+        logits = model.apply({'params': params}, queries['tokens'])
+        return jnp.exp(-losses.example_losses(logits, queries['tokens'], queries['loss_mask']))
+
+    return target_probs
+
+
+def _target_prob(model: nn.Module) -> Callable[[Any, dict], jax.Array]:
+    """``fn(params, query [T']) -> p(target | prompt)`` of one query."""
+    target_probs = _target_probs(model)
+    return lambda params, query: target_probs(params, {k: v[None] for k, v in query.items()})[0]
+
+
+def _each_proponent(one: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``one(params, opt_state, tokens, mask, query)`` vmapped over the proponents' rows."""
+
+    def each(params, opt_state, proponents, query):
+        return jax.vmap(one, in_axes=(None, None, 0, 0, None))(
+            params, opt_state, proponents['tokens'], proponents['loss_mask'], query
+        )
+
+    return each
 
 
 def _update(model, tx, params, opt_state, tokens, mask):
@@ -100,13 +116,7 @@ def make_first_order(model: nn.Module, train_config: train.TrainConfig) -> Calla
         norm = optax.tree.norm(updates)
         return jnp.stack([predicted, norm])
 
-    @jax.jit
-    def fn(params, opt_state, proponents, query):
-        return jax.vmap(one, in_axes=(None, None, 0, 0, None))(
-            params, opt_state, proponents['tokens'], proponents['loss_mask'], query
-        )
-
-    return fn
+    return jax.jit(_each_proponent(one))
 
 
 def make_first_order_matrix(
@@ -123,22 +133,13 @@ def make_first_order_matrix(
     'loss_mask'} of shape [Q, T'].
     """
     tx = train.make_optimizer(train_config)
-
-    def target_probs(params, queries):
-        logits = model.apply({'params': params}, queries['tokens'])
-        return jnp.exp(-losses.example_losses(logits, queries['tokens'], queries['loss_mask']))
+    target_probs = _target_probs(model)
 
     def one(params, opt_state, tokens, mask, queries):
         updates = _update(model, tx, params, opt_state, tokens, mask)
         return jax.jvp(lambda p: target_probs(p, queries), (params,), (updates,))[1]
 
-    @jax.jit
-    def fn(params, opt_state, proponents, queries):
-        return jax.vmap(one, in_axes=(None, None, 0, 0, None))(
-            params, opt_state, proponents['tokens'], proponents['loss_mask'], queries
-        )
-
-    return fn
+    return jax.jit(_each_proponent(one))
 
 
 def first_order_matrix(
@@ -158,17 +159,25 @@ def first_order_matrix(
     out = np.zeros((len(queries), len(examples)), np.float64)
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i]['tokens']), i))
     t0 = time.time()
-    for s in range(0, len(order), k):
-        group = order[s : s + k]
-        rows = [examples[i] for i in group]
-        length = examples_lib.bucket_length(max(len(r['tokens']) for r in rows), seq_len)
-        batch = examples_lib.pad_batch(rows + [rows[0]] * (k - len(rows)), k, length)
+    for n, (group, batch) in enumerate(_length_groups(order, examples, k, seq_len)):
         values = np.asarray(fn(params, opt_state, batch, q_batch))
         out[:, group] = values[: len(group)].T
-        if (s // k) % 20 == 0:
-            logging.info('First-order matrix: %d/%d examples, %.0fs', s + len(group),
+        if n % 20 == 0:
+            logging.info('First-order matrix: %d/%d examples, %.0fs', n * k + len(group),
                          len(examples), time.time() - t0)  # fmt: skip
     return out
+
+
+def _length_groups(keys: Sequence, examples, k: int, seq_len: int):
+    """(keys of a group, its batch) for consecutive groups of k of ``keys`` (already in
+    length order), each padded to its longest example's power-of-two bucket (so few
+    shapes compile: short examples cost their length, not seq_len) and to k rows by
+    repeating its first (computed and dropped)."""
+    for s in range(0, len(keys), k):
+        group = keys[s : s + k]
+        rows = [examples[key] for key in group]
+        length = examples_lib.bucket_length(max(len(r['tokens']) for r in rows), seq_len)
+        yield group, examples_lib.pad_batch(rows + [rows[0]] * (k - len(rows)), k, length)
 
 
 def tail_patch_scores(
@@ -198,14 +207,7 @@ def tail_patch_scores(
     for i, (q, props) in enumerate(sorted(by_query.items())):
         query = {k: v[0] for k, v in examples_lib.pad_batch([queries[q]], 1, query_len).items()}
         props = sorted(props, key=lambda p: (len(examples[p]['tokens']), p))
-        for s in range(0, len(props), k):
-            group = props[s : s + k]
-            # Pad to the group's longest proponent (a power of two, so few shapes
-            # compile): glosses cost their length, not seq_len.
-            longest = max(len(examples[p]['tokens']) for p in group)
-            length = examples_lib.bucket_length(longest, seq_len)
-            rows = [examples[p] for p in group]
-            batch = examples_lib.pad_batch(rows + [rows[0]] * (k - len(rows)), k, length)
+        for group, batch in _length_groups(props, examples, k, seq_len):
             deltas = np.asarray(fn(params, opt_state, batch, query))
             for p, d in zip(group, deltas, strict=False):
                 out[(q, p)] = float(d) if np.ndim(d) == 0 else tuple(float(x) for x in d)
