@@ -221,3 +221,16 @@ def test_readme_cost_table_is_generated_from_the_benchmark_jsons():
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_readme_step_agreement_tables_are_generated_from_the_benchmark_json():
+    """The README's step-agreement tables are the committed step_agreement.json's, with
+    the step form's check against the frozen-V step in it."""
+    module, result = _benchmark('step_agreement.py'), _result('step_agreement.json')
+    assert result['quick'] is False and result['subsets'] >= 32
+    step = result['rows']['step form (all params)']
+    assert step['frozen_v_rho'] > 0.99, 'the step form must be the frozen-V step itself'
+    assert set(module.PARTS) == set(result['parts'])
+    assert module.write_readme(result, check=True), (
+        'run python benchmarks/step_agreement.py --readme_only'
+    )

@@ -1,0 +1,237 @@
+"""Exact gradient scores in the full parameter space, for models small enough to hold
+every example's whole gradient: the quantities the projected index approximates.
+
+:func:`gradient_products` takes every query's and every training example's per-example
+loss gradient, unprojected, and keeps, per parameter tensor t, the inner products a
+score is assembled from (float64):
+
+* ⟨g_q, g_m⟩_t (raw), ⟨C g_q, C g_m⟩_t (the optimizer correction C = V^{-1/2} on both
+  sides, as TrackStar's index) and ⟨g_q, C g_m⟩_t (on the training side only, as one
+  optimizer step applies it),
+* each gradient's squared norm per tensor, raw and corrected, and each example's number
+  of target tokens.
+
+:func:`score` assembles a [Q, N] score from them for one *form* over any subset of the
+tensors, so the parts that separate a projected TrackStar score from what one training
+step does (the projection, the parameters left out, correcting the query too, unit norm
+over the whole gradient vs Adafactor's per-tensor update clipping) can be taken away one
+at a time. The forms:
+
+* 'dot': Σ_t ⟨g_q, g_m⟩_t.
+* 'cosine': the same over ‖g_q‖ ‖g_m‖.
+* 'corrected': Σ_t ⟨C g_q, C g_m⟩_t over ‖C g_q‖ ‖C g_m‖ (the paper's Exp 4, unprojected).
+* 'train_corrected': Σ_t ⟨g_q, C g_m⟩_t over ‖g_q‖ ‖C g_m‖.
+* 'step': Σ_t ⟨g_q, u_m⟩_t / ‖g_q‖ with u_m = C g̃_m clipped per tensor as optax's
+  Adafactor clips an update (u_t / max(1, RMS(u_t) / threshold)) and g̃_m the gradient
+  of the example's mean token loss (the trainer's objective on a batch of one): the
+  first-order effect on the query's loss of one step on m with the second moments held
+  at V, up to the learning rate.
+
+Sign: every form is positive when a step on m lowers the query's loss (a proponent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+
+from trackstar_jax import losses
+from trackstar_jax.data import examples as examples_lib
+from trackstar_jax.grads import correction as correction_lib
+from trackstar_jax.grads import layout as layout_lib
+
+FORMS = ('dot', 'cosine', 'corrected', 'train_corrected', 'step')
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientProducts:
+    """Per-tensor inner products of every (query, training example) pair's gradients.
+
+    Attributes:
+      paths: the parameter tensors, '/'-joined paths.
+      sizes: [T] number of values of each tensor.
+      raw: [T, Q, N] ⟨g_q, g_m⟩ per tensor.
+      corrected: [T, Q, N] ⟨C g_q, C g_m⟩.
+      train_corrected: [T, Q, N] ⟨g_q, C g_m⟩.
+      query_sq: [T, Q] ‖g_q‖² per tensor; ``query_sq_corrected`` the same of C g_q.
+      example_sq: [T, N] ‖g_m‖²; ``example_sq_corrected`` the same of C g_m.
+      example_tokens: [N] target tokens of each training example.
+    """
+
+    paths: tuple[str, ...]
+    sizes: np.ndarray
+    raw: np.ndarray
+    corrected: np.ndarray
+    train_corrected: np.ndarray
+    query_sq: np.ndarray
+    query_sq_corrected: np.ndarray
+    example_sq: np.ndarray
+    example_sq_corrected: np.ndarray
+    example_tokens: np.ndarray
+
+
+def dense_corrections(params: Any, correction: str, opt_state: Any | None) -> dict[str, np.ndarray]:
+    """C = V^{-1/2} of every parameter as a float64 array of its shape, keyed by path
+    (``grads.correction``'s factors multiplied out; ones for correction 'none')."""
+    layout = layout_lib.build_layout(
+        params, block_dim=1, num_layer_blocks=1, split_attention_mlp=False, exclude=()
+    )
+    out = {}
+    corrections = correction_lib.param_corrections(layout, correction, opt_state)
+    for entry in layout.entries:
+        corr = corrections[entry.path]
+        if corr.kind == 'rank_one':
+            c = np.outer(np.asarray(corr.row, np.float64), np.asarray(corr.col, np.float64))
+        elif corr.kind == 'elementwise':
+            c = np.asarray(corr.full, np.float64)
+        else:
+            c = np.ones(entry.shape, np.float64)
+        out[entry.path] = c.reshape(entry.shape)
+    return out
+
+
+def _per_example_grads(model: nn.Module):
+    def example_loss(params, tokens, mask):
+        logits = model.apply({'params': params}, tokens[None])
+        return losses.example_losses(logits, tokens[None], mask[None])[0]
+
+    return jax.jit(jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0)))
+
+
+def _flat(grads: Any, paths: Sequence[str]) -> list[np.ndarray]:
+    by_path = {
+        layout_lib.path_str(p): leaf
+        for p, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(grads))
+    }
+    return [np.asarray(by_path[p], np.float64).reshape(len(by_path[p]), -1) for p in paths]
+
+
+def gradient_products(
+    model: nn.Module,
+    params: Any,
+    opt_state: Any | None,
+    queries: Sequence[dict],
+    examples: Sequence[dict],
+    *,
+    seq_len: int,
+    query_len: int,
+    correction: str = 'adafactor',
+    batch_size: int = 16,
+) -> GradientProducts:
+    """The per-tensor products of every query's and example's whole loss gradient.
+
+    Args:
+      model, params: the LM and its (unboxed or boxed) parameters.
+      opt_state: the optimizer state C is read from (None with correction 'none').
+      queries, examples: {'tokens', 'loss_mask'} records (loss on the masked tokens).
+      seq_len, query_len: padded lengths of the examples and of the queries.
+      correction: as ``GradientSpec.correction``.
+      batch_size: examples per vmapped gradient call.
+
+    Memory: every query's whole gradient is held (Q x parameters, float64) and
+    ``batch_size`` examples' at a time, so this is for models of up to a few million
+    parameters.
+    """
+    params = nn.unbox(params)
+    dense = dense_corrections(params, correction, opt_state)
+    paths = tuple(sorted(dense))
+    c = [dense[p].reshape(1, -1) for p in paths]
+    grad_fn = _per_example_grads(model)
+
+    def padded(group, length):
+        rows = list(group) + [group[0]] * (batch_size - len(group))
+        return examples_lib.pad_batch(rows, batch_size, length)
+
+    def batches(records, length):
+        """(slice of records, [per-tensor gradients of its rows]) per batch."""
+        for s in range(0, len(records), batch_size):
+            group = records[s : s + batch_size]
+            batch = padded(group, length)
+            g = _flat(grad_fn(params, batch['tokens'], batch['loss_mask']), paths)
+            yield slice(s, s + len(group)), [x[: len(group)] for x in g]
+
+    q_parts = [g for _, g in batches(list(queries), query_len)]
+    q_grads = [np.concatenate(parts) for parts in zip(*q_parts, strict=True)]
+    qc = [g * ct for g, ct in zip(q_grads, c, strict=True)]
+    nt, nq, nn_ = len(paths), len(queries), len(examples)
+    raw, both, side = (np.zeros((nt, nq, nn_)) for _ in range(3))
+    e_sq, e_sq_c = np.zeros((nt, nn_)), np.zeros((nt, nn_))
+    t0 = time.time()
+    for i, (cols, g) in enumerate(batches(list(examples), seq_len)):
+        for t in range(nt):
+            gmc = g[t] * c[t]
+            raw[t][:, cols] = q_grads[t] @ g[t].T
+            both[t][:, cols] = qc[t] @ gmc.T
+            side[t][:, cols] = q_grads[t] @ gmc.T
+            e_sq[t, cols] = (g[t] * g[t]).sum(1)
+            e_sq_c[t, cols] = (gmc * gmc).sum(1)
+        if i % 8 == 0:
+            logging.info('Full-space gradients: %d/%d examples, %.0fs', cols.stop, nn_,
+                         time.time() - t0)  # fmt: skip
+    return GradientProducts(
+        paths=paths,
+        sizes=np.array([dense[p].size for p in paths]),
+        raw=raw,
+        corrected=both,
+        train_corrected=side,
+        query_sq=np.stack([(g * g).sum(1) for g in q_grads]),
+        query_sq_corrected=np.stack([(g * g).sum(1) for g in qc]),
+        example_sq=e_sq,
+        example_sq_corrected=e_sq_c,
+        example_tokens=np.array([float(np.sum(ex['loss_mask'])) for ex in examples]),
+    )
+
+
+def tensor_mask(products: GradientProducts, exclude: Sequence[str] = ()) -> np.ndarray:
+    """bool [T]: the tensors whose path contains none of ``exclude`` (as
+    ``GradientSpec.exclude`` leaves parameters out)."""
+    return np.array([not any(x in p for x in exclude) for p in products.paths])
+
+
+def score(
+    products: GradientProducts,
+    form: str,
+    exclude: Sequence[str] = (),
+    clipping_threshold: float | None = 1.0,
+) -> np.ndarray:
+    """[Q, N] scores of one form (see the module docstring) over the tensors whose path
+    contains none of ``exclude``.
+
+    Raises:
+      ValueError: for an unknown form, or an ``exclude`` that leaves no tensor.
+    """
+    if form not in FORMS:
+        raise ValueError(f'form must be one of {FORMS}, got {form!r}.')
+    keep = tensor_mask(products, exclude)
+    if not keep.any():
+        raise ValueError(f'exclude={tuple(exclude)} leaves no parameter tensor.')
+
+    def norm(sq):
+        return np.sqrt(np.maximum(sq[keep].sum(0), 1e-300))
+
+    if form == 'dot':
+        return products.raw[keep].sum(0)
+    if form == 'cosine':
+        return products.raw[keep].sum(0) / np.outer(norm(products.query_sq),
+                                                     norm(products.example_sq))  # fmt: skip
+    if form == 'corrected':
+        den = np.outer(norm(products.query_sq_corrected), norm(products.example_sq_corrected))
+        return products.corrected[keep].sum(0) / den
+    if form == 'train_corrected':
+        den = np.outer(norm(products.query_sq), norm(products.example_sq_corrected))
+        return products.train_corrected[keep].sum(0) / den
+    # 'step': u_t = C g̃_t / max(1, RMS(C g̃_t) / threshold), g̃ = g / tokens.
+    tokens = np.maximum(products.example_tokens, 1.0)
+    per_tensor = products.train_corrected[keep] / tokens  # ⟨g_q, C g̃_m⟩_t
+    if clipping_threshold is not None:
+        rms = np.sqrt(products.example_sq_corrected[keep]) / tokens
+        rms = rms / np.sqrt(products.sizes[keep])[:, None]
+        per_tensor = per_tensor / np.maximum(1.0, rms / clipping_threshold)[:, None, :]
+    return per_tensor.sum(0) / norm(products.query_sq)[:, None]
