@@ -91,6 +91,51 @@ def select_data(args) -> tuple[list[dict], list[dict], dict[str, str]]:
     return facts, records, entailing
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The benchmark's data, model and retraining subsets, shared by the studies that
+    reuse its workdir (lambda_rule.py, step_agreement.py)."""
+
+    facts: list[dict]
+    records: list[dict]
+    train_ex: list[dict]
+    query_ex: list[dict]
+    gold: np.ndarray  # [Q] row of each fact's entailing gloss
+    model: Any
+    tc: Any  # train.TrainConfig
+    masks: np.ndarray  # [M, N] the retraining subsets
+    loo_rows: list[int]
+
+
+def default_args(workdir: str, quick: bool) -> argparse.Namespace:
+    """This script's default sizes (or ``--quick``'s) over ``workdir``, for the studies
+    that read its retrainings."""
+    ns = argparse.Namespace(train=512, queries=32, subsets=48, loo=8, steps=300,
+                            shard='0/1', workdir=workdir, quick=quick)  # fmt: skip
+    if quick:
+        ns.train, ns.queries, ns.subsets, ns.loo, ns.steps = 64, 8, 8, 2, 30
+    return ns
+
+
+def setup(args) -> Setup:
+    """Selects the data, tokenizes it, builds the model and draws the subsets."""
+    from trackstar_jax.data import corpus as corpus_lib
+    from trackstar_jax.data import examples as examples_lib
+    from trackstar_jax.eval import lds
+
+    tokenizer = corpus_lib.Tokenizer()
+    facts, records, entailing = select_data(args)
+    train_ex = examples_lib.corpus_examples(records, tokenizer, SEQ_LEN)
+    query_ex = [examples_lib.query_example(f['id'], f['prompt'], f['target'], tokenizer,
+                                           QUERY_LEN) for f in facts]  # fmt: skip
+    row_of = {r['id']: i for i, r in enumerate(records)}
+    gold = np.array([row_of[entailing[f['id']]] for f in facts])
+    model, tc = model_and_config(args, tokenizer.vocab_size)
+    masks = lds.subset_masks(len(train_ex), args.subsets, 0.5, seed=0)
+    loo_rows = [int(g) for g in gold[: args.loo]]
+    return Setup(facts, records, train_ex, query_ex, gold, model, tc, masks, loo_rows)
+
+
 def model_and_config(args, vocab: int):
     from trackstar_jax import train
     from trackstar_jax.models import DecoderConfig, DecoderLM
@@ -533,28 +578,19 @@ def run(args) -> dict[str, Any]:
     import jax
 
     from trackstar_jax import train as train_lib
-    from trackstar_jax.data import corpus as corpus_lib
-    from trackstar_jax.data import examples as examples_lib
     from trackstar_jax.eval import lds, stats
 
     t0 = time.time()
     os.makedirs(args.workdir, exist_ok=True)
-    tokenizer = corpus_lib.Tokenizer()
-    facts, records, entailing = select_data(args)
-    train_ex = examples_lib.corpus_examples(records, tokenizer, SEQ_LEN)
-    query_ex = [examples_lib.query_example(f['id'], f['prompt'], f['target'], tokenizer,
-                                           QUERY_LEN) for f in facts]  # fmt: skip
-    row_of = {r['id']: i for i, r in enumerate(records)}
-    gold = np.array([row_of[entailing[f['id']]] for f in facts])
-    model, tc = model_and_config(args, tokenizer.vocab_size)
+    data = setup(args)
+    facts, records, train_ex, query_ex = data.facts, data.records, data.train_ex, data.query_ex
+    gold, model, tc, masks, loo_rows = data.gold, data.model, data.tc, data.masks, data.loo_rows
     checkpoints = (tc.num_steps // 3, 2 * tc.num_steps // 3, tc.num_steps)
     t_train = time.time()
     last, snapshots = train_on(model, tc, train_ex, np.ones(len(train_ex), bool),
                                snapshots=checkpoints)  # fmt: skip
     train_seconds = time.time() - t_train
     full = query_log_probs(model, last.params, query_ex)
-    masks = lds.subset_masks(len(train_ex), args.subsets, 0.5, seed=0)
-    loo_rows = [int(g) for g in gold[: args.loo]]
     subsets, loo = retrain_jobs(args, model, tc, train_ex, query_ex, masks, loo_rows)
     methods = score_methods(args, model, tc, train_ex, query_ex, records, facts, snapshots)
     methods[ONE_STEP] = one_step_scores(model, tc, last, train_ex, query_ex)

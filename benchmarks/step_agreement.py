@@ -105,15 +105,6 @@ PARTS = {
 }
 
 
-def lds_args(args) -> argparse.Namespace:
-    """lds.py's arguments (its defaults, or --quick's sizes) over this run's workdir."""
-    ns = argparse.Namespace(train=512, queries=32, subsets=48, loo=8, steps=300,
-                            shard='0/1', workdir=args.workdir, quick=args.quick)  # fmt: skip
-    if args.quick:
-        ns.train, ns.queries, ns.subsets, ns.loo, ns.steps = 64, 8, 8, 2, 30
-    return ns
-
-
 def projected_scores(model, last, train_ex, query_ex, workdir: str) -> dict[str, dict]:
     """The library's Exp 1 / 2 / 4 at every BLOCK_DIMS, through ``pipeline.run_method``."""
     from trackstar_jax import grads, pipeline
@@ -151,23 +142,14 @@ def projected_scores(model, last, train_ex, query_ex, workdir: str) -> dict[str,
 
 
 def run(args) -> dict[str, Any]:
-    from trackstar_jax.data import corpus as corpus_lib
-    from trackstar_jax.data import examples as examples_lib
     from trackstar_jax.eval import full_space, lds, stats
 
     t_start = time.time()
-    ns = lds_args(args)
-    tokenizer = corpus_lib.Tokenizer()
-    facts, records, entailing = lds_bench.select_data(ns)
-    train_ex = examples_lib.corpus_examples(records, tokenizer, lds_bench.SEQ_LEN)
-    query_ex = [examples_lib.query_example(f['id'], f['prompt'], f['target'], tokenizer,
-                                           lds_bench.QUERY_LEN) for f in facts]  # fmt: skip
-    row_of = {r['id']: i for i, r in enumerate(records)}
-    gold = np.array([row_of[entailing[f['id']]] for f in facts])
-    model, tc = lds_bench.model_and_config(ns, tokenizer.vocab_size)
+    ns = lds_bench.default_args(args.workdir, args.quick)
+    data = lds_bench.setup(ns)
+    train_ex, query_ex, gold = data.train_ex, data.query_ex, data.gold
+    model, tc, masks, loo_rows = data.model, data.tc, data.masks, data.loo_rows
     last, _ = lds_bench.train_on(model, tc, train_ex, np.ones(len(train_ex), bool))
-    masks = lds.subset_masks(len(train_ex), ns.subsets, 0.5, seed=0)
-    loo_rows = [int(g) for g in gold[: ns.loo]]
     subsets, _ = lds_bench.retrain_jobs(ns, model, tc, train_ex, query_ex, masks, loo_rows)
 
     step = lds_bench.one_step_scores(model, tc, last, train_ex, query_ex)
