@@ -457,7 +457,9 @@ ONE_STEP = 'One step (first-order)'
 STEP_VARIANTS = {'unclipped': {'clipping_threshold': 1e9}, 'frozen_v': {'decay_rate': 100.0}}
 
 
-def one_step_scores(model, tc, last, train_ex, query_ex) -> dict[str, Any]:
+def one_step_scores(
+    model, tc, last, train_ex, query_ex, variants: tuple[str, ...] = tuple(STEP_VARIANTS)
+) -> dict[str, Any]:
     """The quantity tail-patch measures, to first order, for every pair: [Q, N]
     ⟨∇_θ p_q, u_m⟩ with u_m the trainer's one-step update on example m alone.
 
@@ -467,15 +469,17 @@ def one_step_scores(model, tc, last, train_ex, query_ex) -> dict[str, Any]:
     step, with the same saved state, say which part of it sets that ranking:
     ``unclipped`` lifts Adafactor's update clipping (threshold 1e9) and ``frozen_v``
     keeps its second moments at the saved V (decay exponent 100: the step's own g²
-    gets weight 0, so u = lr·clip(g/√V), the correction TrackStar applies).
+    gets weight 0, so u = lr·clip(g/√V), the correction TrackStar applies);
+    ``variants`` names those computed (each costs as much as the step itself).
     """
     from trackstar_jax.eval import tail_patch as tp
 
     t0 = time.time()
     out = {}
-    variants = {'scores': tc, **{name: dataclasses.replace(tc, **change)
-                                 for name, change in STEP_VARIANTS.items()}}  # fmt: skip
-    for name, config in variants.items():
+    configs = {'scores': tc, **{name: dataclasses.replace(tc, **change)
+                                for name, change in STEP_VARIANTS.items()
+                                if name in variants}}  # fmt: skip
+    for name, config in configs.items():
         fn = tp.make_first_order_matrix(model, config)
         out[name] = tp.first_order_matrix(fn, last.params, last.opt_state, query_ex, train_ex,
                                           k=16, seq_len=SEQ_LEN, query_len=QUERY_LEN)  # fmt: skip

@@ -152,7 +152,7 @@ def run(args) -> dict[str, Any]:
     last, _ = lds_bench.train_on(model, tc, train_ex, np.ones(len(train_ex), bool))
     subsets, _ = lds_bench.retrain_jobs(ns, model, tc, train_ex, query_ex, masks, loo_rows)
 
-    step = lds_bench.one_step_scores(model, tc, last, train_ex, query_ex)
+    step = lds_bench.one_step_scores(model, tc, last, train_ex, query_ex, variants=('frozen_v',))
     targets = {'one_step_rho': step['scores'], 'frozen_v_rho': step['frozen_v']}
     t0 = time.time()
     products = full_space.gradient_products(
