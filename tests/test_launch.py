@@ -144,8 +144,12 @@ def _benchmark(script: str):
     import importlib.util
 
     path = os.path.join(ROOT, 'benchmarks', script)
-    spec = importlib.util.spec_from_file_location(f'{script[:-3]}_benchmark', path)
+    name = f'{script[:-3]}_benchmark'
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: a dataclass under `from __future__ import annotations`
+    # looks its module up in sys.modules to read its field annotations.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
