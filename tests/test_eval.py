@@ -60,6 +60,35 @@ def _trained_checkpoint(directory):
     return model, state, mesh, shardings
 
 
+def test_length_groups_batch_every_key_once_padded_to_its_bucket():
+    """Against a loop over the keys: each key once, in order, in a batch of exactly
+    ``rows`` rows padded to its longest example's bucket (or max_len), short groups
+    filled with their first example."""
+    rng = np.random.default_rng(0)
+    examples = {
+        f'e{i}': {'tokens': rng.integers(1, 50, n), 'loss_mask': np.ones(n, np.float32)}
+        for i, n in enumerate([3, 17, 5, 40, 33, 2, 64])
+    }
+    keys = sorted(examples)[::-1]
+    for bucket in (True, False):
+        seen = []
+        for group, batch in examples_lib.length_groups(keys, examples, 3, 64, bucket=bucket):
+            assert batch['tokens'].shape[0] == 3 and 1 <= len(group) <= 3
+            longest = max(len(examples[k]['tokens']) for k in group)
+            want = 1 << (longest - 1).bit_length() if bucket else 64
+            assert batch['tokens'].shape[1] == max(16, want)
+            rows = list(group) + [group[0]] * (3 - len(group))
+            for r, key in enumerate(rows):
+                t = examples[key]['tokens']
+                np.testing.assert_array_equal(batch['tokens'][r, : len(t)], t)
+                assert not batch['tokens'][r, len(t) :].any()
+                assert batch['loss_mask'][r].sum() == len(t)
+            seen += list(group)
+        assert seen == keys
+    with pytest.raises(ValueError, match='rows'):
+        list(examples_lib.length_groups(keys, examples, 0, 64))
+
+
 @pytest.mark.parametrize('proponent_batch', [None, 2])
 def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
     model, state, mesh, shardings = _trained_checkpoint(str(tmp_path / 'ckpt'))

@@ -112,6 +112,40 @@ def pad_batch(
     return {'tokens': tokens, 'loss_mask': mask}
 
 
+def length_groups(
+    keys: Sequence[Any],
+    examples: Mapping[Any, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    rows: int,
+    max_len: int,
+    *,
+    bucket: bool = True,
+):
+    """(keys of a group, its batch) for consecutive groups of ``rows`` of ``keys``.
+
+    Each batch has exactly ``rows`` rows, so one jitted function serves every group: a
+    short last group is filled by repeating its first example (computed and dropped by
+    the caller; a repeat, not an all-zero row, because a row with no target tokens has
+    no mean loss). With ``bucket`` a batch is padded to its longest example's
+    power-of-two bucket (:func:`bucket_length`: few shapes compile, and short examples
+    cost their length when ``keys`` are in length order); without it, to ``max_len``.
+
+    Args:
+      keys: the examples to batch, in the order to batch them.
+      examples: ``examples[key]`` is a {'tokens', 'loss_mask'} record.
+      rows: rows per batch.
+      max_len: the longest padded length.
+      bucket: pad to a power-of-two bucket rather than to ``max_len``.
+    """
+    if rows < 1:
+        raise ValueError(f'rows must be >= 1, got {rows}.')
+    for s in range(0, len(keys), rows):
+        group = keys[s : s + rows]
+        made = [examples[key] for key in group]
+        longest = max(len(r['tokens']) for r in made)
+        length = bucket_length(longest, max_len) if bucket else max_len
+        yield group, pad_batch(made + [made[0]] * (rows - len(made)), rows, length)
+
+
 class ExampleSource:
     """Examples made on demand: every id up front, tokens only for the rows asked for.
 

@@ -145,17 +145,14 @@ def gradient_products(
     c = [dense[p].reshape(1, -1) for p in paths]
     grad_fn = _per_example_grads(model)
 
-    def padded(group, length):
-        rows = list(group) + [group[0]] * (batch_size - len(group))
-        return examples_lib.pad_batch(rows, batch_size, length)
-
     def batches(records, length):
-        """(slice of records, [per-tensor gradients of its rows]) per batch."""
-        for s in range(0, len(records), batch_size):
-            group = records[s : s + batch_size]
-            batch = padded(group, length)
+        """(indices of records, [per-tensor gradients of its rows]) per batch."""
+        keys = range(len(records))
+        for group, batch in examples_lib.length_groups(
+            keys, records, batch_size, length, bucket=False
+        ):
             g = _flat(grad_fn(params, batch['tokens'], batch['loss_mask']), paths)
-            yield slice(s, s + len(group)), [x[: len(group)] for x in g]
+            yield list(group), [x[: len(group)] for x in g]
 
     q_parts = [g for _, g in batches(list(queries), query_len)]
     q_grads = [np.concatenate(parts) for parts in zip(*q_parts, strict=True)]
@@ -173,7 +170,7 @@ def gradient_products(
             e_sq[t, cols] = (g[t] * g[t]).sum(1)
             e_sq_c[t, cols] = (gmc * gmc).sum(1)
         if i % 8 == 0:
-            logging.info('Full-space gradients: %d/%d examples, %.0fs', cols.stop, nn_,
+            logging.info('Full-space gradients: %d/%d examples, %.0fs', cols[-1] + 1, nn_,
                          time.time() - t0)  # fmt: skip
     return GradientProducts(
         paths=paths,

@@ -159,25 +159,13 @@ def first_order_matrix(
     out = np.zeros((len(queries), len(examples)), np.float64)
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i]['tokens']), i))
     t0 = time.time()
-    for n, (group, batch) in enumerate(_length_groups(order, examples, k, seq_len)):
+    for n, (group, batch) in enumerate(examples_lib.length_groups(order, examples, k, seq_len)):
         values = np.asarray(fn(params, opt_state, batch, q_batch))
         out[:, group] = values[: len(group)].T
         if n % 20 == 0:
             logging.info('First-order matrix: %d/%d examples, %.0fs', n * k + len(group),
                          len(examples), time.time() - t0)  # fmt: skip
     return out
-
-
-def _length_groups(keys: Sequence, examples, k: int, seq_len: int):
-    """(keys of a group, its batch) for consecutive groups of k of ``keys`` (already in
-    length order), each padded to its longest example's power-of-two bucket (so few
-    shapes compile: short examples cost their length, not seq_len) and to k rows by
-    repeating its first (computed and dropped)."""
-    for s in range(0, len(keys), k):
-        group = keys[s : s + k]
-        rows = [examples[key] for key in group]
-        length = examples_lib.bucket_length(max(len(r['tokens']) for r in rows), seq_len)
-        yield group, examples_lib.pad_batch(rows + [rows[0]] * (k - len(rows)), k, length)
 
 
 def tail_patch_scores(
@@ -207,7 +195,7 @@ def tail_patch_scores(
     for i, (q, props) in enumerate(sorted(by_query.items())):
         query = {k: v[0] for k, v in examples_lib.pad_batch([queries[q]], 1, query_len).items()}
         props = sorted(props, key=lambda p: (len(examples[p]['tokens']), p))
-        for group, batch in _length_groups(props, examples, k, seq_len):
+        for group, batch in examples_lib.length_groups(props, examples, k, seq_len):
             deltas = np.asarray(fn(params, opt_state, batch, query))
             for p, d in zip(group, deltas, strict=False):
                 out[(q, p)] = float(d) if np.ndim(d) == 0 else tuple(float(x) for x in d)
