@@ -281,6 +281,28 @@ def write_result(path: str, result: Mapping[str, Any], argv: Sequence[str] | Non
     return path
 
 
+def readme_from_result(path: str, write_readme: Callable[[dict], Any]) -> None:
+    """Regenerates a benchmark's README section from its stored results JSON at ``path``."""
+    with open(path) as f:
+        write_readme(json.load(f))
+
+
+def publish(
+    path: str, result: Mapping[str, Any], *, committed: bool, write_readme: Callable[[dict], Any]
+) -> str:
+    """Writes ``result`` at ``path`` (:func:`write_result`) and prints where.
+
+    A ``committed`` result (the benchmark's full run at its default path, not a quick or
+    redirected one) also regenerates its README section, from the file as written, so the
+    README shows exactly what the JSON holds, command and timestamp included.
+    """
+    write_result(path, result)
+    if committed:
+        readme_from_result(path, write_readme)
+    print(f'results: {path}')
+    return path
+
+
 README = os.path.join(ROOT, 'README.md')
 
 

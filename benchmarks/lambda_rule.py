@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -220,19 +219,14 @@ def main(argv=None) -> None:
     parser.add_argument('--readme_only', action='store_true')
     args = parser.parse_args(argv)
     if args.readme_only:
-        with open(OUT) as f:
-            write_readme(json.load(f))
+        harness.readme_from_result(OUT, write_readme)
         return
     args.lams = [float(x) for x in args.lams]
     if args.quick:
         args.sizes = [2, 4, 8]
     res = run(args)
     out = args.out or (OUT.replace('.json', '_quick.json') if args.quick else OUT)
-    harness.write_result(out, res)
-    if not args.out and not args.quick:
-        with open(out) as f:
-            write_readme(json.load(f))
-    print(f'results: {out}')
+    harness.publish(out, res, committed=not (args.out or args.quick), write_readme=write_readme)
 
 
 if __name__ == '__main__':

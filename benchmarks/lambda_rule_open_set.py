@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -274,17 +273,11 @@ def main(argv=None) -> None:
     parser.add_argument('--readme_only', action='store_true')
     args = parser.parse_args(argv)
     if args.readme_only:
-        with open(OUT) as f:
-            write_readme(json.load(f))
+        harness.readme_from_result(OUT, write_readme)
         return
     args.lams = [float(x) for x in args.lams]
     res = run(args)
-    out = args.out or OUT
-    harness.write_result(out, res)
-    if not args.out:
-        with open(out) as f:
-            write_readme(json.load(f))
-    print(f'results: {out}')
+    harness.publish(args.out or OUT, res, committed=not args.out, write_readme=write_readme)
 
 
 if __name__ == '__main__':

@@ -758,8 +758,7 @@ def main(argv=None) -> None:
     if args.trak_models < 1:
         parser.error('--trak_models must be at least 1 (the first is the main model).')
     if args.readme_only:
-        with open(os.path.join(harness.RESULTS_DIR, 'methods.json')) as f:
-            write_readme(json.load(f))
+        harness.readme_from_result(os.path.join(harness.RESULTS_DIR, 'methods.json'), write_readme)
         return
     if args.quick:
         args.train, args.queries, args.subsets = 64, 8, 8
@@ -768,11 +767,7 @@ def main(argv=None) -> None:
     out = args.out or os.path.join(
         harness.RESULTS_DIR, 'methods_quick.json' if args.quick else 'methods.json'
     )
-    harness.write_result(out, res)
-    if not args.quick and not args.out:
-        with open(out) as f:
-            write_readme(json.load(f))
-    print(f'results: {out}')
+    harness.publish(out, res, committed=not (args.quick or args.out), write_readme=write_readme)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -265,19 +264,14 @@ def main(argv=None) -> None:
     parser.add_argument('--readme_only', action='store_true')
     args = parser.parse_args(argv)
     if args.readme_only:
-        with open(OUT) as f:
-            write_readme(json.load(f))
+        harness.readme_from_result(OUT, write_readme)
         return
     res = run(args)
     # A smoke run writes into its workdir, so it never touches the committed results.
     out = args.out or (
         os.path.join(args.workdir, 'step_agreement_quick.json') if args.quick else OUT
     )
-    harness.write_result(out, res)
-    if not args.out and not args.quick:
-        with open(out) as f:
-            write_readme(json.load(f))
-    print(f'results: {out}')
+    harness.publish(out, res, committed=not (args.out or args.quick), write_readme=write_readme)
 
 
 if __name__ == '__main__':

@@ -813,8 +813,8 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     if args.readme_only:
-        with open(os.path.join(harness.RESULTS_DIR, 'support_samples.json')) as f:
-            write_readme(json.load(f))
+        path = os.path.join(harness.RESULTS_DIR, 'support_samples.json')
+        harness.readme_from_result(path, write_readme)
         return
     if args.quick:
         args.passages, args.probe_tokens = min(args.passages, 1000), min(args.probe_tokens, 1500)
@@ -824,12 +824,8 @@ def main(argv=None) -> None:
     out = args.out or os.path.join(
         harness.RESULTS_DIR, 'support_samples_quick.json' if args.quick else 'support_samples.json'
     )
-    harness.write_result(out, res)
-    if not args.quick and not args.out:
-        with open(out) as f:
-            write_readme(json.load(f))  # the stored JSON: its command and timestamp
     print(json.dumps({k: res[k] for k in ('counts', 'probe')}, indent=1)[:4000])
-    print(f'results: {out}')
+    harness.publish(out, res, committed=not (args.quick or args.out), write_readme=write_readme)
 
 
 if __name__ == '__main__':

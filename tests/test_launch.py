@@ -161,6 +161,22 @@ def _result(name: str) -> dict:
         return json.load(f)
 
 
+def test_publish_writes_the_json_and_regenerates_the_readme_only_when_committed(tmp_path):
+    """A committed result's README section is made from the file as written (command
+    and timestamp included); a quick or redirected one never touches the README."""
+    import json
+
+    harness = _benchmark('harness.py')
+    seen = []
+    for committed in (False, True):
+        path = str(tmp_path / f'r{committed}.json')
+        out = harness.publish(path, {'x': 1}, committed=committed, write_readme=seen.append)
+        assert out == path
+        stored = json.load(open(path))
+        assert stored['x'] == 1 and stored['command'].startswith('python ')
+    assert seen == [stored]
+
+
 def test_readme_fact_tracing_table_is_generated_from_the_benchmark_json():
     """The README's fact-tracing table and verdicts are the committed benchmark's."""
     module = _benchmark('fact_tracing.py')
