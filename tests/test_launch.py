@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import gin
+import numpy as np
 import pytest
 
 from trackstar_jax import gin_utils
@@ -254,3 +255,52 @@ def test_readme_step_agreement_tables_are_generated_from_the_benchmark_json():
     assert module.write_readme(result, check=True), (
         'run python benchmarks/step_agreement.py --readme_only'
     )
+
+
+def test_readme_projection_noise_tables_are_generated_from_the_benchmark_json():
+    """The README's projection-noise tables are the committed JSON's, whose dense
+    one-sided rows carry the noise the block formula predicts (its check at scale)."""
+    module, result = _benchmark('projection_noise.py'), _result('projection_noise.json')
+    assert result['quick'] is False and result['queries'] >= 32
+    dense = [r for r in result['rows'].values() if r['projection'] == 'one_sided']
+    assert dense and all(0.95 < r['noise_over_predicted'] < 1.05 for r in dense)
+    assert module.write_readme(result, check=True), (
+        'run python benchmarks/projection_noise.py --readme_only'
+    )
+
+
+def test_projection_noise_prediction_matches_monte_carlo_dense_projections():
+    """projection_noise.predicted_noise against 4,000 independent dense N(0, 1/d_b)
+    projections of each block of unit x, y, from products built by hand."""
+    from trackstar_jax.eval import full_space
+
+    module = _benchmark('projection_noise.py')
+    rng = np.random.default_rng(0)
+    sizes, blocks, d = [5, 7, 6], np.array([0, 0, 1]), 16
+    q = [rng.normal(size=(2, n)) for n in sizes]
+    e = [rng.normal(size=(3, n)) + 0.8 * q[i][:1] for i, n in enumerate(sizes)]
+    prod = np.stack([qi @ ei.T for qi, ei in zip(q, e, strict=True)])
+    zeros = np.zeros_like(prod)
+    products = full_space.GradientProducts(
+        paths=('a', 'b', 'c'), sizes=np.array(sizes), raw=prod, corrected=zeros,
+        train_corrected=zeros, query_sq=np.stack([(x * x).sum(1) for x in q]),
+        query_sq_corrected=None, example_sq=np.stack([(x * x).sum(1) for x in e]),
+        example_sq_corrected=None, example_tokens=np.ones(3),
+    )  # fmt: skip
+    pred = module.predicted_noise(products, 'cosine', blocks, d)
+    qu, eu = np.concatenate(q, 1), np.concatenate(e, 1)
+    qu, eu = (
+        qu / np.linalg.norm(qu, axis=1, keepdims=True),
+        eu / np.linalg.norm(eu, axis=1)[:, None],
+    )
+    cut = [0, sizes[0] + sizes[1], sum(sizes)]
+    draws = []
+    for _ in range(4000):
+        dot = 0.0
+        for b in range(2):
+            p = rng.normal(scale=d**-0.5, size=(d, cut[b + 1] - cut[b]))
+            dot = dot + (qu[:, cut[b] : cut[b + 1]] @ p.T) @ (eu[:, cut[b] : cut[b + 1]] @ p.T).T
+        draws.append(dot)
+    draws = np.stack(draws)
+    np.testing.assert_allclose(draws.mean(0), qu @ eu.T, atol=0.02)
+    np.testing.assert_allclose(draws.std(0), pred, rtol=0.05)
