@@ -13,12 +13,14 @@ gradients, Exp 4: cosine of the corrected ones, both over the index's parameters
 per D:
 
 * signal: the per-query standard deviation of the exact scores over examples;
-* noise: the per-query standard deviation of ŝ - s, for the library's two-sided
+* noise: the per-query standard deviation of ŝ - s over examples (so centred: an error
+  common to a query's examples does not count), for the library's two-sided
   projection (P0 W P1ᵀ per matrix) and for a dense one-sided JL projection of each
   block (``GradientSpec(projection='one_sided')``) at the same D;
 * the noise a dense Gaussian projection of each block predicts from the exact per-block
   products alone: Var(⟨Px, Py⟩) = Σ_b (‖x_b‖² ‖y_b‖² + ⟨x_b, y_b⟩²) / d_b for unit x, y
-  (to first order in the cosine, the noise on the projected cosine). It is smallest when
+  (to first order in the cosine, the noise on the projected cosine; its per-query root
+  mean square over examples, not centred). It is smallest when
   the gradient's energy is spread over the blocks (each block's d_b only sees its own
   share) and it tells a concentration of energy (the correction can move it) apart from
   the two-sided projection's own structure (its noise over the prediction);
@@ -169,8 +171,9 @@ def run(args) -> dict[str, Any]:
                 blocks = block_of_tensor(spec, last.params, products.paths)
                 pred = predicted_noise(products, form, blocks, block_dim)
                 per_q[(form_name, projection, dim)] = per_query(exact, scores, step, gold, pred)
-                names = spec.layout(last.params).block_names
-                shares[form_name] = block_shares(products, form, blocks, names)
+                if form_name not in shares:  # the layout's blocks do not depend on D
+                    names = spec.layout(last.params).block_names
+                    shares[form_name] = block_shares(products, form, blocks, names)
                 print(f'[projection_noise] {form_name} {projection} D={dim}: '
                       f'{time.time() - t0:.0f}s', flush=True)  # fmt: skip
     for key, q in per_q.items():
@@ -205,7 +208,7 @@ def run(args) -> dict[str, Any]:
         diffs[label] = {
             'with': row_name(*a),
             'without': row_name(*b),
-            **{m: stats.paired_bootstrap(qa[m], qb[m]) for m in qa if m in qb},
+            **{m: _paired(stats, qa[m], qb[m]) for m in qa if m in qb},
         }
     return {
         'benchmark': 'projection_noise',
@@ -219,6 +222,12 @@ def run(args) -> dict[str, Any]:
         'differences': diffs,
         'wall_seconds': time.time() - t_start,
     }
+
+
+def _paired(stats, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Paired bootstrap of a - b over the queries where both are finite (as the rows)."""
+    ok = np.isfinite(a) & np.isfinite(b)
+    return stats.paired_bootstrap(a[ok], b[ok])
 
 
 def row_name(form: str, projection: str, dim: int) -> str:

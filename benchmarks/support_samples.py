@@ -824,8 +824,8 @@ def main(argv=None) -> None:
     out = args.out or os.path.join(
         harness.RESULTS_DIR, 'support_samples_quick.json' if args.quick else 'support_samples.json'
     )
-    print(json.dumps({k: res[k] for k in ('counts', 'probe')}, indent=1)[:4000])
     harness.publish(out, res, committed=not (args.quick or args.out), write_readme=write_readme)
+    print(json.dumps({k: res[k] for k in ('counts', 'probe')}, indent=1)[:4000])
 
 
 if __name__ == '__main__':

@@ -271,36 +271,45 @@ def test_readme_projection_noise_tables_are_generated_from_the_benchmark_json():
 
 def test_projection_noise_prediction_matches_monte_carlo_dense_projections():
     """projection_noise.predicted_noise against 4,000 independent dense N(0, 1/d_b)
-    projections of each block of unit x, y, from products built by hand."""
+    projections of each block of unit x, y, from products built by hand: two blocks and
+    an excluded tensor, for the raw and the corrected form (the other form's fields hold
+    unrelated values, so reading the wrong ones fails)."""
     from trackstar_jax.eval import full_space
 
     module = _benchmark('projection_noise.py')
     rng = np.random.default_rng(0)
-    sizes, blocks, d = [5, 7, 6], np.array([0, 0, 1]), 16
-    q = [rng.normal(size=(2, n)) for n in sizes]
-    e = [rng.normal(size=(3, n)) + 0.8 * q[i][:1] for i, n in enumerate(sizes)]
-    prod = np.stack([qi @ ei.T for qi, ei in zip(q, e, strict=True)])
-    zeros = np.zeros_like(prod)
-    products = full_space.GradientProducts(
-        paths=('a', 'b', 'c'), sizes=np.array(sizes), raw=prod, corrected=zeros,
-        train_corrected=zeros, query_sq=np.stack([(x * x).sum(1) for x in q]),
-        query_sq_corrected=None, example_sq=np.stack([(x * x).sum(1) for x in e]),
-        example_sq_corrected=None, example_tokens=np.ones(3),
-    )  # fmt: skip
-    pred = module.predicted_noise(products, 'cosine', blocks, d)
-    qu, eu = np.concatenate(q, 1), np.concatenate(e, 1)
-    qu, eu = (
-        qu / np.linalg.norm(qu, axis=1, keepdims=True),
-        eu / np.linalg.norm(eu, axis=1)[:, None],
-    )
-    cut = [0, sizes[0] + sizes[1], sum(sizes)]
-    draws = []
-    for _ in range(4000):
-        dot = 0.0
-        for b in range(2):
-            p = rng.normal(scale=d**-0.5, size=(d, cut[b + 1] - cut[b]))
-            dot = dot + (qu[:, cut[b] : cut[b + 1]] @ p.T) @ (eu[:, cut[b] : cut[b + 1]] @ p.T).T
-        draws.append(dot)
-    draws = np.stack(draws)
-    np.testing.assert_allclose(draws.mean(0), qu @ eu.T, atol=0.02)
-    np.testing.assert_allclose(draws.std(0), pred, rtol=0.05)
+    sizes, blocks, d = [5, 7, 6, 4], np.array([0, 0, 1, -1]), 16
+
+    def sides():
+        q = [rng.normal(size=(2, n)) for n in sizes]
+        e = [rng.normal(size=(3, n)) + 0.8 * q[i][:1] for i, n in enumerate(sizes)]
+        prod = np.stack([qi @ ei.T for qi, ei in zip(q, e, strict=True)])
+        sq = [np.stack([(x * x).sum(1) for x in v]) for v in (q, e)]
+        return q, e, prod, *sq
+
+    for form in ('cosine', 'corrected'):
+        data, other = sides(), sides()
+        raw, corr = (data, other) if form == 'cosine' else (other, data)
+        products = full_space.GradientProducts(
+            paths=('a', 'b', 'c', 'embedding'), sizes=np.array(sizes), raw=raw[2],
+            corrected=corr[2], train_corrected=np.zeros_like(raw[2]), query_sq=raw[3],
+            query_sq_corrected=corr[3], example_sq=raw[4], example_sq_corrected=corr[4],
+            example_tokens=np.ones(3),
+        )  # fmt: skip
+        pred = module.predicted_noise(products, form, blocks, d)
+        q, e = data[0], data[1]
+        cut = [0, sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]]  # the kept tensors
+        qu, eu = np.concatenate(q, 1)[:, : cut[-1]], np.concatenate(e, 1)[:, : cut[-1]]
+        qu /= np.linalg.norm(qu, axis=1, keepdims=True)
+        eu /= np.linalg.norm(eu, axis=1, keepdims=True)
+        draws = []
+        for _ in range(4000):
+            dot = 0.0
+            for b in range(2):
+                p = rng.normal(scale=d**-0.5, size=(d, cut[b + 1] - cut[b]))
+                x, y = qu[:, cut[b] : cut[b + 1]] @ p.T, eu[:, cut[b] : cut[b + 1]] @ p.T
+                dot = dot + x @ y.T
+            draws.append(dot)
+        draws = np.stack(draws)
+        np.testing.assert_allclose(draws.mean(0), qu @ eu.T, atol=0.02, err_msg=form)
+        np.testing.assert_allclose(draws.std(0), pred, rtol=0.05, err_msg=form)
