@@ -303,6 +303,33 @@ def publish(
     return path
 
 
+def workdir_study_main(
+    argv: Sequence[str] | None,
+    description: str,
+    out: str,
+    run: Callable[[Any], Mapping[str, Any]],
+    write_readme: Callable[[dict], Any],
+) -> None:
+    """The command line of a study over lds.py's workdir (step_agreement, projection_noise):
+    --workdir, --quick (lds.py --quick's sizes; its JSON goes into the workdir, so a smoke
+    run never touches the committed results), --out and --readme_only."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description.split('\n\n')[0])
+    parser.add_argument('--workdir', default='/tmp/lds_bench')
+    parser.add_argument('--quick', action='store_true', help="lds.py --quick's sizes")
+    parser.add_argument('--out', default=None)
+    parser.add_argument('--readme_only', action='store_true')
+    args = parser.parse_args(argv)
+    if args.readme_only:
+        readme_from_result(out, write_readme)
+        return
+    res = run(args)
+    quick_name = os.path.basename(out).replace('.json', '_quick.json')
+    path = args.out or (os.path.join(args.workdir, quick_name) if args.quick else out)
+    publish(path, res, committed=not (args.out or args.quick), write_readme=write_readme)
+
+
 README = os.path.join(ROOT, 'README.md')
 
 

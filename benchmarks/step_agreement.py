@@ -26,7 +26,6 @@ queries) that take the parts away one at a time.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -257,21 +256,7 @@ def write_readme(res: dict[str, Any], check: bool = False) -> bool:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--workdir', default='/tmp/lds_bench')
-    parser.add_argument('--quick', action='store_true', help="lds.py --quick's sizes")
-    parser.add_argument('--out', default=None)
-    parser.add_argument('--readme_only', action='store_true')
-    args = parser.parse_args(argv)
-    if args.readme_only:
-        harness.readme_from_result(OUT, write_readme)
-        return
-    res = run(args)
-    # A smoke run writes into its workdir, so it never touches the committed results.
-    out = args.out or (
-        os.path.join(args.workdir, 'step_agreement_quick.json') if args.quick else OUT
-    )
-    harness.publish(out, res, committed=not (args.out or args.quick), write_readme=write_readme)
+    harness.workdir_study_main(argv, __doc__, OUT, run, write_readme)
 
 
 if __name__ == '__main__':
