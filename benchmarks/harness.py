@@ -330,6 +330,27 @@ def workdir_study_main(
     publish(path, res, committed=not (args.out or args.quick), write_readme=write_readme)
 
 
+def interval(value: float, low: float, high: float, digits: int = 3, signed: bool = False) -> str:
+    """'0.123 [0.100, 0.150]': a mean and its interval for a README table."""
+    f = f'{{:{"+" if signed else ""}.{digits}f}}'
+    return f'{f.format(value)} [{f.format(low)}, {f.format(high)}]'
+
+
+def row_cell(row: Mapping[str, Any], key: str, digits: int = 3, signed: bool = False) -> str:
+    """``row[key]`` with its ``row[key + '_ci']`` interval, or '—' if the row lacks it."""
+    if key not in row:
+        return '—'
+    return interval(row[key], *row[key + '_ci'], digits=digits, signed=signed)
+
+
+def paired_cell(diffs: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """A paired difference ``{'diff', 'low', 'high'}`` at ``diffs[key]``, signed, or '—'."""
+    if key not in diffs:
+        return '—'
+    d = diffs[key]
+    return interval(d['diff'], d['low'], d['high'], digits=digits, signed=True)
+
+
 README = os.path.join(ROOT, 'README.md')
 
 

@@ -52,12 +52,6 @@ ONE_SIDED_MAX_BLOCK_DIM = 1024  # dense d_b x values matrices: 4,096 would take 
 METRICS = ('signal', 'noise', 'predicted_noise', 'snr', 'fidelity_rho', 'one_step_rho', 'rr')
 
 
-def block_of_tensor(spec, params, paths: tuple[str, ...]) -> np.ndarray:
-    """[T] the layout block of each of ``paths`` (-1: excluded from the index)."""
-    blocks = {e.path: e.block for e in spec.layout(params).entries}
-    return np.array([blocks[p] for p in paths])
-
-
 def _sides(products, form: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """([T, Q, N] products, [T, Q] query and [T, N] example squared norms) of ``form``."""
     if form == 'corrected':
@@ -167,7 +161,7 @@ def run(args) -> dict[str, Any]:
                 t0 = time.time()
                 scores, dim, spec = projected(model, last, train_ex, query_ex, args.workdir,
                                               correction, projection, block_dim)  # fmt: skip
-                blocks = block_of_tensor(spec, last.params, products.paths)
+                blocks = full_space.tensor_blocks(products, spec, last.params)
                 pred = predicted_noise(products, form, blocks, block_dim)
                 per_q[(form_name, projection, dim)] = per_query(exact, scores, step, gold, pred)
                 if form_name not in shares:  # the layout's blocks do not depend on D
@@ -234,20 +228,6 @@ def row_name(form: str, projection: str, dim: int) -> str:
     return f'{form}, exact' if projection == 'exact' else f'{form}, {projection}, D = {dim:,}'
 
 
-def _cell(row: dict, key: str, digits: int = 3) -> str:
-    if key not in row:
-        return '—'
-    lo, hi = row[key + '_ci']
-    return f'{row[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]'
-
-
-def _diff(d: dict, key: str, digits: int = 3) -> str:
-    if key not in d:
-        return '—'
-    v = d[key]
-    return f'{v["diff"]:+.{digits}f} [{v["low"]:+.{digits}f}, {v["high"]:+.{digits}f}]'
-
-
 DIGITS = {'signal': 4, 'noise': 4, 'predicted_noise': 4, 'snr': 2}
 
 
@@ -273,9 +253,8 @@ def readme_table(res: dict[str, Any]) -> str:
         ratio = f'{row["noise_over_predicted"]:.2f}' if 'noise_over_predicted' in row else '—'
         name = row['form'] + ('' if row['projection'] == 'exact' else
                               f', {row["projection"].replace("_", "-")}')  # fmt: skip
-        cells = [_cell(row, m, DIGITS.get(m, 3)) for m in cols]
-        lines.append(f'| {name} | {dim} | {_cell(row, "signal", 4)} | ' + ' | '.join(cells)
-                     + f' | {ratio} |')  # fmt: skip
+        cells = [harness.row_cell(row, m, DIGITS.get(m, 3)) for m in ('signal', *cols)]
+        lines.append(f'| {name} | {dim} | ' + ' | '.join(cells) + f' | {ratio} |')
     names = list(next(iter(res['block_shares'].values())))
     lines += ['', 'Mean share of each block in the squared norm of the gradients, training '
               'glosses (queries):', '', '| form | ' + ' | '.join(names) + ' |',
@@ -290,7 +269,10 @@ def readme_table(res: dict[str, Any]) -> str:
         # Between projections of one form the signal and the prediction are the same.
         same_form = res['rows'][d['with']]['form'] == res['rows'][d['without']]['form']
         skip = ('signal', 'predicted_noise') if same_form else ()
-        cells = ['—' if m in skip else _diff(d, m, DIGITS.get(m, 3)) for m in ('signal', *cols)]
+        cells = [
+            '—' if m in skip else harness.paired_cell(d, m, DIGITS.get(m, 3))
+            for m in ('signal', *cols)
+        ]
         lines.append(f'| {name.replace("_", "-")} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 

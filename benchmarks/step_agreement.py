@@ -214,11 +214,6 @@ def run(args) -> dict[str, Any]:
     }
 
 
-def _cell(value: float, ci: list[float], signed: bool = False) -> str:
-    f = '{:+.3f}' if signed else '{:.3f}'
-    return f'{f.format(value)} [{f.format(ci[0])}, {f.format(ci[1])}]'
-
-
 def readme_table(res: dict[str, Any]) -> str:
     """The README's tables from the JSON."""
     heads = ['ρ one-step', 'ρ frozen V', 'LDS', 'MRR', 'tail-patch (pp)']
@@ -234,8 +229,8 @@ def readme_table(res: dict[str, Any]) -> str:
         '|---|' + '---|' * len(heads),
     ]
     for name, r in res['rows'].items():
-        cells = [_cell(r[m], r[m + '_ci']) for m in METRICS[:4]]
-        cells.append(_cell(r['tail_patch'] * 1.0, r['tail_patch_ci'], signed=True))
+        cells = [harness.row_cell(r, m) for m in METRICS[:4]]
+        cells.append(harness.row_cell(r, 'tail_patch', signed=True))
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     lines += [
         '',
@@ -245,7 +240,7 @@ def readme_table(res: dict[str, Any]) -> str:
         '|---|---|' + '---|' * len(heads),
     ]
     for part, p in res['parts'].items():
-        cells = [_cell(p[m]['diff'], [p[m]['low'], p[m]['high']], signed=True) for m in METRICS]
+        cells = [harness.paired_cell(p, m) for m in METRICS]
         lines.append(f'| {part} | {p["with"]} − {p["without"]} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 

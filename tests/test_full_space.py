@@ -1,6 +1,8 @@
 """Exact full-space gradient scores (eval.full_space) against one jax.grad per example
 and optax's own Adafactor update, in float64 numpy."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +55,15 @@ def setup():
     model, params, state = fx.model_and_state()
     queries, examples = fx.query_examples(3), fx.train_examples(5)
     products = full_space.gradient_products(
-        model, params, state, queries, examples, seq_len=fx.SEQ_LEN, query_len=12, batch_size=4
+        model,
+        params,
+        state,
+        queries,
+        examples,
+        seq_len=fx.SEQ_LEN,
+        query_len=12,
+        batch_size=4,
+        grams=True,
     )
     return model, params, state, queries, examples, products
 
@@ -126,6 +136,111 @@ def test_forms_equal_brute_force(setup, exclude):
         got = full_space.score(products, form, exclude=exclude, clipping_threshold=CLIP)
         err, allowed = np.abs(got - want), 2e-5 * np.abs(want) + 1e-6 * bound[form]
         assert (err <= allowed).all(), (form, (err / allowed).max(), got, want)
+    # The Gram matrices preconditioned_score builds R from, within the same ulps.
+    kept = full_space.tensor_mask(products, exclude)
+    grams = {
+        'raw_example_gram': gm,
+        'corrected_example_gram': cm,
+        'raw_query_gram': gq,
+        'corrected_query_gram': cq,
+    }
+    for field, x in grams.items():
+        got, want = getattr(products, field)[kept].sum(0), x @ x.T
+        err = np.abs(got - want)
+        allowed = 2e-5 * np.abs(want) + 1e-6 * np.outer(_norms(x), _norms(x))
+        assert (err <= allowed).all(), (field, (err / allowed).max())
+
+
+def _synthetic_products(rng, sizes, nq, n):
+    """GradientProducts of random per-tensor vectors (raw x, corrected c x), and the
+    vectors themselves."""
+    xq = [rng.normal(size=(nq, d)) * rng.uniform(0.5, 2) for d in sizes]
+    xm = [rng.normal(size=(n, d)) + 0.3 * rng.normal(size=(1, d)) for d in sizes]
+    c = [rng.uniform(0.2, 3.0, size=(1, d)) for d in sizes]
+    cq, cm = (
+        [x * ct for x, ct in zip(xq, c, strict=True)],
+        [x * ct for x, ct in zip(xm, c, strict=True)],
+    )
+
+    def stack(f, a, b):
+        return np.stack([f(x, y) for x, y in zip(a, b, strict=True)])
+
+    def dot(x, y):
+        return x @ y.T
+
+    def sq(x, _):
+        return (x * x).sum(1)
+
+    products = full_space.GradientProducts(
+        paths=tuple(f't{i}' for i in range(len(sizes))),
+        sizes=np.array(sizes),
+        raw=stack(dot, xq, xm),
+        corrected=stack(dot, cq, cm),
+        train_corrected=stack(dot, xq, cm),
+        query_sq=stack(sq, xq, xq),
+        query_sq_corrected=stack(sq, cq, cq),
+        example_sq=stack(sq, xm, xm),
+        example_sq_corrected=stack(sq, cm, cm),
+        example_tokens=np.ones(n),
+        raw_example_gram=stack(dot, xm, xm),
+        corrected_example_gram=stack(dot, cm, cm),
+        raw_query_gram=stack(dot, xq, xq),
+        corrected_query_gram=stack(dot, cq, cq),
+    )
+    return products, {False: (xq, xm), True: (cq, cm)}
+
+
+def _dense_preconditioned(xq, xm, blocks, lam, damping, unit_norm):
+    """The index's recipe on explicit vectors: per block R = λ R_eval + (1 − λ) R_train,
+    (R + δI)^{-1/2} by eigh with δ = damping x mean eigenvalue, both sides, unit norm."""
+    fq, fm = [], []
+    for b in sorted(set(blocks) - {-1}):
+        q = np.concatenate([x for x, bb in zip(xq, blocks, strict=True) if bb == b], axis=1)
+        m = np.concatenate([x for x, bb in zip(xm, blocks, strict=True) if bb == b], axis=1)
+        r = lam * q.T @ q / len(q) + (1 - lam) * m.T @ m / len(m)
+        evals, evecs = np.linalg.eigh(r)
+        evals = np.maximum(evals, 0.0)
+        inv_sqrt = (evecs / np.sqrt(evals + damping * evals.mean())) @ evecs.T
+        fq.append(q @ inv_sqrt)
+        fm.append(m @ inv_sqrt)
+    fq, fm = np.concatenate(fq, axis=1), np.concatenate(fm, axis=1)
+    if unit_norm:
+        return _cosine_rows(fq, fm)
+    return fq @ fm.T
+
+
+# Block 0: two tensors, 65 values > N + Q = 16 (R rank-deficient: the push-through case);
+# block 1: 6 values < 16 (R full rank); the last tensor is left out.
+SIZES, BLOCKS = (40, 25, 6, 30), (0, 0, 1, -1)
+
+
+@pytest.mark.parametrize('corrected', [False, True])
+@pytest.mark.parametrize(
+    'lam, damping', [(0.0, 0.01), (0.0, 1.0), (0.3, 0.01), (0.7, 0.1), (1.0, 0.01)]
+)
+@pytest.mark.parametrize('unit_norm', [True, False])
+def test_preconditioned_score_equals_dense_r(corrected, lam, damping, unit_norm):
+    rng = np.random.default_rng(7)
+    products, vectors = _synthetic_products(rng, SIZES, nq=4, n=12)
+    xq, xm = vectors[corrected]
+    got = full_space.preconditioned_score(
+        products, BLOCKS, corrected=corrected, lam=lam, damping=damping, unit_norm=unit_norm
+    )
+    want = _dense_preconditioned(xq, xm, BLOCKS, lam, damping, unit_norm)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+    # R changes the scores here (else the test would not see it).
+    plain = _dense_preconditioned(xq, xm, BLOCKS, 0.0, 1e12, unit_norm)
+    assert not np.allclose(got / np.abs(got).max(), plain / np.abs(plain).max(), atol=1e-3)
+
+
+def test_tensor_blocks_follow_the_layout(setup):
+    _, params, *_, products = setup
+    spec = dataclasses.replace(fx.SPEC, num_layer_blocks=2)
+    blocks = full_space.tensor_blocks(products, spec, params)
+    entries = {e.path: e.block for e in spec.layout(params).entries}
+    assert [entries[p] for p in products.paths] == list(blocks)
+    assert all(b == -1 for p, b in zip(products.paths, blocks, strict=True) if 'embedding' in p)
+    assert len(set(blocks) - {-1}) == 4
 
 
 def test_dense_corrections_match_the_kernels_scaling(setup):
@@ -148,3 +263,13 @@ def test_refusals(setup):
         full_space.score(products, 'trackstar')
     with pytest.raises(ValueError, match='leaves no parameter'):
         full_space.score(products, 'dot', exclude=('',))
+    blocks = np.zeros(len(products.paths), int)
+    with pytest.raises(ValueError, match=r'lam must be in \[0, 1\]'):
+        full_space.preconditioned_score(products, blocks, corrected=True, lam=1.5)
+    with pytest.raises(ValueError, match='at least one kept'):
+        full_space.preconditioned_score(products, blocks - 1, corrected=True)
+    no_grams = full_space.GradientProducts(
+        **{**products.__dict__, 'raw_example_gram': None, 'corrected_example_gram': None}
+    )
+    with pytest.raises(ValueError, match='grams=True'):
+        full_space.preconditioned_score(no_grams, blocks, corrected=True)

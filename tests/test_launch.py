@@ -269,6 +269,22 @@ def test_readme_projection_noise_tables_are_generated_from_the_benchmark_json():
     )
 
 
+def test_readme_full_space_r_tables_are_generated_from_the_benchmark_json():
+    """The README's full-space R tables are the committed full_space_r.json's: every
+    method exact and at each D, and the exact TrackStar row at λ auto's largest-D value."""
+    module, result = _benchmark('full_space_r.py'), _result('full_space_r.json')
+    assert result['quick'] is False and result['queries'] >= 32
+    dims = sorted(int(d) for d in result['lam_auto'])
+    assert result['exact_trackstar_lam'] == result['lam_auto'][str(dims[-1])]
+    for method in module.METHODS:
+        for dim in (None, *dims):
+            assert module.row_name(method, dim) in result['rows']
+    assert set(module.differences(dims)) == set(result['differences'])
+    assert module.write_readme(result, check=True), (
+        'run python benchmarks/full_space_r.py --readme_only'
+    )
+
+
 def test_projection_noise_prediction_matches_monte_carlo_dense_projections():
     """projection_noise.predicted_noise against 4,000 independent dense N(0, 1/d_b)
     projections of each block of unit x, y, from products built by hand: two blocks and

@@ -28,6 +28,15 @@ at a time. The forms:
   at V, up to the learning rate.
 
 Sign: every form is positive when a step on m lowers the query's loss (a proponent).
+
+:func:`preconditioned_score` adds R: TrackStar's block-diagonal R^{-1/2} (R_train, or
+mixed with R_eval) and TRAK's one-block (ΦᵀΦ)⁻¹, exactly in the full space, from the
+training examples' and queries' Gram matrices (``gradient_products(grams=True)``). With
+N training examples and d_b ≫ N parameters in a block, R_b = Φ_bᵀ Φ_b / N has rank ≤ N
+and, by the push-through identity (ΦᵀΦ + δI)⁻¹ Φᵀ = Φᵀ (ΦΦᵀ + δI)⁻¹, a training
+example's score q_bᵀ (R_b + δI)⁻¹ g_m is N [(K_b + NδI)⁻¹ Φ_b q_b]_m with K_b = Φ_b Φ_bᵀ:
+the example's coefficient in a ridge regression of the query's gradient on the training
+gradients. No d_b x d_b matrix is formed.
 """
 
 from __future__ import annotations
@@ -63,6 +72,9 @@ class GradientProducts:
       query_sq: [T, Q] ‖g_q‖² per tensor; ``query_sq_corrected`` the same of C g_q.
       example_sq: [T, N] ‖g_m‖²; ``example_sq_corrected`` the same of C g_m.
       example_tokens: [N] target tokens of each training example.
+      raw_example_gram, corrected_example_gram: [T, N, N] ⟨g_m, g_m'⟩ and
+        ⟨C g_m, C g_m'⟩ per tensor (only with ``gradient_products(grams=True)``).
+      raw_query_gram, corrected_query_gram: [T, Q, Q] the same of the queries.
     """
 
     paths: tuple[str, ...]
@@ -75,6 +87,10 @@ class GradientProducts:
     example_sq: np.ndarray
     example_sq_corrected: np.ndarray
     example_tokens: np.ndarray
+    raw_example_gram: np.ndarray | None = None
+    corrected_example_gram: np.ndarray | None = None
+    raw_query_gram: np.ndarray | None = None
+    corrected_query_gram: np.ndarray | None = None
 
 
 def dense_corrections(params: Any, correction: str, opt_state: Any | None) -> dict[str, np.ndarray]:
@@ -124,6 +140,7 @@ def gradient_products(
     query_len: int,
     correction: str = 'adafactor',
     batch_size: int = 16,
+    grams: bool = False,
 ) -> GradientProducts:
     """The per-tensor products of every query's and example's whole loss gradient.
 
@@ -134,10 +151,12 @@ def gradient_products(
       seq_len, query_len: padded lengths of the examples and of the queries.
       correction: as ``GradientSpec.correction``.
       batch_size: examples per vmapped gradient call.
+      grams: also keep the examples' and queries' Gram matrices (what
+        :func:`preconditioned_score` needs).
 
     Memory: every query's whole gradient is held (Q x parameters, float64) and
-    ``batch_size`` examples' at a time, so this is for models of up to a few million
-    parameters.
+    ``batch_size`` examples' at a time (with ``grams``, every example's, float32), so
+    this is for models of up to a few million parameters.
     """
     params = nn.unbox(params)
     dense = dense_corrections(params, correction, opt_state)
@@ -160,6 +179,7 @@ def gradient_products(
     nt, nq, nn_ = len(paths), len(queries), len(examples)
     raw, both, side = (np.zeros((nt, nq, nn_)) for _ in range(3))
     e_sq, e_sq_c = np.zeros((nt, nn_)), np.zeros((nt, nn_))
+    held = [np.zeros((nn_, int(x.size)), np.float32) for x in c] if grams else None
     t0 = time.time()
     for i, (cols, g) in enumerate(batches(list(examples), seq_len)):
         for t in range(nt):
@@ -169,10 +189,23 @@ def gradient_products(
             side[t][:, cols] = q_grads[t] @ gmc.T
             e_sq[t, cols] = (g[t] * g[t]).sum(1)
             e_sq_c[t, cols] = (gmc * gmc).sum(1)
+            if held is not None:
+                held[t][cols] = g[t]  # float32 gradients: exact in float32
         if i % 8 == 0:
             logging.info('Full-space gradients: %d/%d examples, %.0fs', cols[-1] + 1, nn_,
                          time.time() - t0)  # fmt: skip
+    gram_fields = {}
+    if held is not None:
+        gram_fields = {
+            'raw_example_gram': np.stack([_gram(h) for h in held]),
+            'corrected_example_gram': np.stack(
+                [_gram(h, ct) for h, ct in zip(held, c, strict=True)]
+            ),
+            'raw_query_gram': np.stack([g @ g.T for g in q_grads]),
+            'corrected_query_gram': np.stack([g @ g.T for g in qc]),
+        }
     return GradientProducts(
+        **gram_fields,
         paths=paths,
         sizes=np.array([dense[p].size for p in paths]),
         raw=raw,
@@ -184,6 +217,15 @@ def gradient_products(
         example_sq_corrected=e_sq_c,
         example_tokens=np.array([float(np.sum(ex['loss_mask'])) for ex in examples]),
     )
+
+
+def _gram(held: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    """[N, N] float64 Gram matrix of the rows of ``held`` (times ``c``), in row chunks."""
+    n, out = len(held), np.zeros((len(held), len(held)))
+    x = held.astype(np.float64) if c is None else held * c  # float32 x float64 -> float64
+    for lo in range(0, n, 256):
+        out[lo : lo + 256] = x[lo : lo + 256] @ x.T
+    return out
 
 
 def tensor_mask(products: GradientProducts, exclude: Sequence[str] = ()) -> np.ndarray:
@@ -232,3 +274,91 @@ def score(
         rms = rms / np.sqrt(products.sizes[keep])[:, None]
         per_tensor = per_tensor / np.maximum(1.0, rms / clipping_threshold)[:, None, :]
     return per_tensor.sum(0) / norm(products.query_sq)[:, None]
+
+
+def tensor_blocks(products: GradientProducts, spec: Any, params: Any) -> np.ndarray:
+    """int [T]: the index block of each tensor of ``products`` under the GradientSpec
+    ``spec`` (its layer groups, attention/MLP split and exclusions; -1 = left out)."""
+    blocks = {e.path: e.block for e in spec.layout(nn.unbox(params)).entries}
+    return np.array([blocks[p] for p in products.paths])
+
+
+def preconditioned_score(
+    products: GradientProducts,
+    blocks: Sequence[int] | np.ndarray,
+    *,
+    corrected: bool,
+    lam: float = 0.0,
+    damping: float = 0.01,
+    unit_norm: bool = True,
+) -> np.ndarray:
+    """[Q, N] exact scores with a block-diagonal R, as the index's preconditioners define
+    it but over the whole gradient: per block b, R_b = λ Φ_qᵀ Φ_q / Q + (1 − λ) Φᵀ Φ / N
+    (Φ the training examples' gradients in b, Φ_q the queries'), δ_b = ``damping`` x the
+    mean eigenvalue of R_b (over all d_b of them, as ``hessian.inverse_sqrt``), and the
+    score ⟨(R + δI)^{-1/2} x_q, (R + δI)^{-1/2} x_m⟩, over both vectors' norms with
+    ``unit_norm``.
+
+    Args:
+      products: from ``gradient_products(grams=True)``.
+      blocks: [T] each tensor's block (e.g. :func:`tensor_blocks`; one block for every
+        kept tensor is TRAK's (ΦᵀΦ)⁻¹); -1 leaves a tensor out.
+      corrected: the vectors are C g (TrackStar's index) or the raw gradients.
+      lam: λ of R_eval, in [0, 1].
+      damping: relative damping (the library's ``FitConfig.damping``).
+      unit_norm: normalise both preconditioned vectors (TrackStar) or not (TRAK).
+
+    Raises:
+      ValueError: without Gram matrices, for λ outside [0, 1], or for blocks that keep
+        no tensor.
+    """
+    if products.raw_example_gram is None:
+        raise ValueError('preconditioned_score needs gradient_products(..., grams=True).')
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f'lam must be in [0, 1], got {lam!r}.')
+    blocks = np.asarray(blocks)
+    if blocks.shape != (len(products.paths),) or not (blocks >= 0).any():
+        raise ValueError(
+            f'blocks must give each of the {len(products.paths)} tensors a block (-1: left '
+            f'out), with at least one kept; got {blocks}.'
+        )
+    if corrected:
+        qm, mm, qq = (
+            products.corrected,
+            products.corrected_example_gram,
+            products.corrected_query_gram,
+        )
+    else:
+        qm, mm, qq = products.raw, products.raw_example_gram, products.raw_query_gram
+    nq, n = qm.shape[1:]
+    a2, c2 = (1.0 - lam) / n, lam / nq  # R = Hᵀ H with H = [√a2 Φ; √c2 Φ_q]
+    scores, q_sq, m_sq = np.zeros((nq, n)), np.zeros(nq), np.zeros(n)
+    for b in np.unique(blocks[blocks >= 0]):
+        t = blocks == b
+        k_qm, k_mm, k_qq = qm[t].sum(0), mm[t].sum(0), qq[t].sum(0)
+        ac = np.sqrt(a2 * c2)
+        hh = np.block([[a2 * k_mm, ac * k_qm.T], [ac * k_qm, c2 * k_qq]])  # H Hᵀ
+        delta = damping * (a2 * np.trace(k_mm) + c2 * np.trace(k_qq)) / products.sizes[t].sum()
+        delta = max(delta, np.finfo(np.float64).tiny)
+        s, u = np.linalg.eigh((hh + hh.T) / 2)
+        s = np.maximum(s, 0.0)
+        hq = np.concatenate([np.sqrt(a2) * k_qm.T, np.sqrt(c2) * k_qq])  # columns H x_q
+        hm = np.concatenate([np.sqrt(a2) * k_mm, np.sqrt(c2) * k_qm])  # columns H x_m
+        wq, wm, inv = u.T @ hq, u.T @ hm, 1.0 / (s + delta)
+        # A vector x that is a row of H (x = Hᵀ e / √w) has x_aᵀ (R + δ)⁻¹ x = [(H Hᵀ + δ)⁻¹
+        # H x_a]_e / √w and xᵀ (R + δ)⁻¹ x = [(H Hᵀ + δ)⁻¹ H Hᵀ]_ee / w: no cancellation.
+        # One that is not (the queries at λ = 0, the examples at λ = 1) has
+        # xᵀ (R + δ)⁻¹ x = (‖x‖² − (H x)ᵀ (H Hᵀ + δ)⁻¹ H x) / δ.
+        if lam < 1:
+            scores += (u[:n] @ (wq * inv[:, None])).T / np.sqrt(a2)
+            m_sq += (u[:n] ** 2) @ (s * inv) / a2
+        else:
+            scores += (u[n:] @ (wm * inv[:, None])) / np.sqrt(c2)
+            m_sq += np.maximum(np.diag(k_mm) - (wm**2 * inv[:, None]).sum(0), 0) / delta
+        if lam > 0:
+            q_sq += (u[n:] ** 2) @ (s * inv) / c2
+        else:
+            q_sq += np.maximum(np.diag(k_qq) - (wq**2 * inv[:, None]).sum(0), 0) / delta
+    if not unit_norm:
+        return scores
+    return scores / np.sqrt(np.maximum(np.outer(q_sq, m_sq), 1e-300))
