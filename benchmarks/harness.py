@@ -303,31 +303,54 @@ def publish(
     return path
 
 
-def workdir_study_main(
+def study_main(
     argv: Sequence[str] | None,
     description: str,
     out: str,
     run: Callable[[Any], Mapping[str, Any]],
     write_readme: Callable[[dict], Any],
-) -> None:
-    """The command line of a study over lds.py's workdir (step_agreement, projection_noise):
-    --workdir, --quick (lds.py --quick's sizes; its JSON goes into the workdir, so a smoke
-    run never touches the committed results), --out and --readme_only."""
+    *,
+    workdir: str = '/tmp/lds_bench',
+    quick_help: str | None = "lds.py --quick's sizes",
+    add_arguments: Callable[[Any], None] | None = None,
+    prepare: Callable[[Any, Any], None] | None = None,
+) -> Mapping[str, Any] | None:
+    """The command line of a benchmark that works in a directory and publishes one JSON.
+
+    Flags: --workdir (default ``workdir``), --quick (unless ``quick_help`` is None), --out,
+    --readme_only, and whatever ``add_arguments(parser)`` adds. After parsing,
+    ``prepare(args, parser)`` may check the flags (``parser.error``) and set --quick's
+    sizes. A full run's JSON goes to ``out`` and regenerates the README section
+    (:func:`publish`); a quick run's goes into the workdir as ``<name>_quick.json`` and
+    --out's where it says, neither touching the committed results.
+
+    Returns:
+      The result (None with --readme_only).
+    """
     import argparse
 
     parser = argparse.ArgumentParser(description=description.split('\n\n')[0])
-    parser.add_argument('--workdir', default='/tmp/lds_bench')
-    parser.add_argument('--quick', action='store_true', help="lds.py --quick's sizes")
+    parser.add_argument('--workdir', default=workdir)
+    if quick_help is not None:
+        parser.add_argument('--quick', action='store_true', help=quick_help)
     parser.add_argument('--out', default=None)
-    parser.add_argument('--readme_only', action='store_true')
+    parser.add_argument(
+        '--readme_only', action='store_true', help='rewrite the README section from the JSON'
+    )
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     if args.readme_only:
         readme_from_result(out, write_readme)
-        return
+        return None
+    if prepare is not None:
+        prepare(args, parser)
+    quick = getattr(args, 'quick', False)
     res = run(args)
     quick_name = os.path.basename(out).replace('.json', '_quick.json')
-    path = args.out or (os.path.join(args.workdir, quick_name) if args.quick else out)
-    publish(path, res, committed=not (args.out or args.quick), write_readme=write_readme)
+    path = args.out or (os.path.join(args.workdir, quick_name) if quick else out)
+    publish(path, res, committed=not (args.out or quick), write_readme=write_readme)
+    return res
 
 
 def interval(value: float, low: float, high: float, digits: int = 3, signed: bool = False) -> str:

@@ -24,7 +24,6 @@ protocol: one trainer step per top-3 proponent).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -207,26 +206,24 @@ def write_readme(res: dict[str, Any], check: bool = False) -> bool:
     return harness.readme_section('lambda_rule', readme_table(res), check=check)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--workdir', default='/tmp/lds_bench')
+def _arguments(parser) -> None:
     parser.add_argument('--sizes', type=int, nargs='+', default=[4, 8, 16, 32])
     parser.add_argument('--draws', type=int, default=3)
     parser.add_argument('--lams', nargs='+', default=['0.5', '0.9', '0.99'])
     parser.add_argument('--no_tail_patch', action='store_true')
-    parser.add_argument('--quick', action='store_true', help='lds.py --quick sizes, 2/4/8 queries')
-    parser.add_argument('--out', default=None)
-    parser.add_argument('--readme_only', action='store_true')
-    args = parser.parse_args(argv)
-    if args.readme_only:
-        harness.readme_from_result(OUT, write_readme)
-        return
+
+
+def _prepare(args, parser) -> None:
+    del parser
     args.lams = [float(x) for x in args.lams]
     if args.quick:
         args.sizes = [2, 4, 8]
-    res = run(args)
-    out = args.out or (OUT.replace('.json', '_quick.json') if args.quick else OUT)
-    harness.publish(out, res, committed=not (args.out or args.quick), write_readme=write_readme)
+
+
+def main(argv=None) -> None:
+    harness.study_main(argv, __doc__, OUT, run, write_readme,
+                       quick_help='lds.py --quick sizes, 2/4/8 queries',
+                       add_arguments=_arguments, prepare=_prepare)  # fmt: skip
 
 
 if __name__ == '__main__':

@@ -31,7 +31,6 @@ No retraining: this model is too large to retrain here, so there is no LDS colum
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -258,9 +257,7 @@ def write_readme(res: dict[str, Any], check: bool = False) -> bool:
     return harness.readme_section('lambda_rule_open_set', readme_table(res), check=check)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--workdir', default='runs/smollm2_open_set')
+def _arguments(parser) -> None:
     parser.add_argument('--checkpoint_dir', default='runs/smollm2_135m')
     parser.add_argument('--gin_file', default='open_set_smollm2.gin')
     # ~50 min on 2 cores (index ~20, 42 fits ~10, tail-patch ~20): each fit of 12
@@ -269,15 +266,16 @@ def main(argv=None) -> None:
     parser.add_argument('--draws', type=int, default=3)
     parser.add_argument('--lams', nargs='+', default=['0.9', '0.99'])
     parser.add_argument('--no_tail_patch', action='store_true')
-    parser.add_argument('--out', default=None)
-    parser.add_argument('--readme_only', action='store_true')
-    args = parser.parse_args(argv)
-    if args.readme_only:
-        harness.readme_from_result(OUT, write_readme)
-        return
+
+
+def _prepare(args, parser) -> None:
+    del parser
     args.lams = [float(x) for x in args.lams]
-    res = run(args)
-    harness.publish(args.out or OUT, res, committed=not args.out, write_readme=write_readme)
+
+
+def main(argv=None) -> None:
+    harness.study_main(argv, __doc__, OUT, run, write_readme, workdir='runs/smollm2_open_set',
+                       quick_help=None, add_arguments=_arguments, prepare=_prepare)  # fmt: skip
 
 
 if __name__ == '__main__':

@@ -741,10 +741,7 @@ def write_readme(res: dict[str, Any], check: bool = False) -> bool:
     return harness.readme_section('methods', readme_table(res), check=check)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true')
-    parser.add_argument('--workdir', default='/tmp/lds_bench')
+def _arguments(parser) -> None:
     parser.add_argument('--train', type=int, default=512)
     parser.add_argument('--queries', type=int, default=32)
     parser.add_argument('--subsets', type=int, default=48)
@@ -752,22 +749,20 @@ def main(argv=None) -> None:
     parser.add_argument('--steps', type=int, default=300)
     parser.add_argument('--shard', default='0/1', help='i/n: run every n-th retraining')
     parser.add_argument('--trak_models', type=int, default=4, help="TRAK's ensemble size")
-    parser.add_argument('--out', default=None)
-    parser.add_argument('--readme_only', action='store_true')
-    args = parser.parse_args(argv)
+
+
+def _prepare(args, parser) -> None:
     if args.trak_models < 1:
         parser.error('--trak_models must be at least 1 (the first is the main model).')
-    if args.readme_only:
-        harness.readme_from_result(os.path.join(harness.RESULTS_DIR, 'methods.json'), write_readme)
-        return
     if args.quick:
         args.train, args.queries, args.subsets = 64, 8, 8
         args.loo, args.steps, args.trak_models = 2, 30, 2
-    res = run(args)
-    out = args.out or os.path.join(
-        harness.RESULTS_DIR, 'methods_quick.json' if args.quick else 'methods.json'
-    )
-    harness.publish(out, res, committed=not (args.quick or args.out), write_readme=write_readme)
+
+
+def main(argv=None) -> None:
+    out = os.path.join(harness.RESULTS_DIR, 'methods.json')
+    harness.study_main(argv, __doc__, out, run, write_readme, quick_help='tiny sets, few subsets',
+                       add_arguments=_arguments, prepare=_prepare)  # fmt: skip
 
 
 if __name__ == '__main__':

@@ -251,7 +251,7 @@ def write_readme(res: dict[str, Any], check: bool = False) -> bool:
 
 
 def main(argv=None) -> None:
-    harness.workdir_study_main(argv, __doc__, OUT, run, write_readme)
+    harness.study_main(argv, __doc__, OUT, run, write_readme)
 
 
 if __name__ == '__main__':

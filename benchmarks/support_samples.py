@@ -541,11 +541,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tok = support.TokenIndex(idx)
     counts = token_counts(tok, (0.5, 0.9))
     prefix = 'support_samples_quick' if args.quick else 'support_samples'
-    figure1(counts, os.path.join(harness.RESULTS_DIR, f'{prefix}_fig1.png'))
+    # A full run's figures sit beside its committed JSON; a quick or --out run's in the
+    # workdir, so a smoke run never touches the committed results.
+    fig_dir = args.workdir if (args.quick or args.out) else harness.RESULTS_DIR
+    figure1(counts, os.path.join(fig_dir, f'{prefix}_fig1.png'))
     tags = row_tags(idx, examples, tokenizer.decode)
     by_pos = pos_shares(_labels(tok, args.label_tau), tags)
     figure2(by_pos, float(_labels(tok, args.label_tau).mean()), args.label_tau,
-            os.path.join(harness.RESULTS_DIR, f'{prefix}_fig2.png'))  # fmt: skip
+            os.path.join(fig_dir, f'{prefix}_fig2.png'))  # fmt: skip
 
     # Probing support status from earlier checkpoints.
     labels = _labels(tok, args.label_tau)
@@ -575,7 +578,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  if '/' in k and not k.endswith('_ci')),
               flush=True)  # fmt: skip
     majority = float(max(y[split == 2].mean(), 1 - y[split == 2].mean()))
-    figure5(probes, majority, os.path.join(harness.RESULTS_DIR, f'{prefix}_fig5.png'))
+    figure5(probes, majority, os.path.join(fig_dir, f'{prefix}_fig5.png'))
 
     # Table 2: removing non-support samples (α, support status from the last checkpoint).
     tau = args.label_tau
@@ -616,7 +619,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        'non_support_share': float((~sup).mean()),
                        'non_support_by_pos': by_tag})  # fmt: skip
         print(f'[support] layer {j}: {layers[-1]}', flush=True)
-    figure6(layers, os.path.join(harness.RESULTS_DIR, f'{prefix}_fig6.png'))
+    figure6(layers, os.path.join(fig_dir, f'{prefix}_fig6.png'))
     return {
         'benchmark': 'support_samples',
         'quick': args.quick,
@@ -788,10 +791,7 @@ def write_readme(res: dict[str, Any], check: bool = False) -> bool:
     return harness.readme_section('support_samples', readme_table(res), check=check)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true')
-    parser.add_argument('--workdir', default='/tmp/support_samples_bench')
+def _arguments(parser) -> None:
     parser.add_argument('--passages', type=int, default=8192)
     parser.add_argument('--probe_tokens', type=int, default=6000)
     parser.add_argument('--probe_block_dim', type=int, default=256)
@@ -805,27 +805,23 @@ def main(argv=None) -> None:
         default=600,
         help='steps of each from-scratch retraining (0 skips Table 2 b)',
     )
-    parser.add_argument('--out', default=None)
-    parser.add_argument(
-        '--readme_only',
-        action='store_true',
-        help='rewrite the README section from the committed JSON',
-    )
-    args = parser.parse_args(argv)
-    if args.readme_only:
-        path = os.path.join(harness.RESULTS_DIR, 'support_samples.json')
-        harness.readme_from_result(path, write_readme)
-        return
+
+
+def _prepare(args, parser) -> None:
+    del parser
     if args.quick:
         args.passages, args.probe_tokens = min(args.passages, 1000), min(args.probe_tokens, 1500)
         args.test_passages, args.head_epochs = 200, 2
         args.retrain_steps = min(args.retrain_steps, 40)
-    res = run(args)
-    out = args.out or os.path.join(
-        harness.RESULTS_DIR, 'support_samples_quick.json' if args.quick else 'support_samples.json'
-    )
-    harness.publish(out, res, committed=not (args.quick or args.out), write_readme=write_readme)
-    print(json.dumps({k: res[k] for k in ('counts', 'probe')}, indent=1)[:4000])
+
+
+def main(argv=None) -> None:
+    out = os.path.join(harness.RESULTS_DIR, 'support_samples.json')
+    res = harness.study_main(argv, __doc__, out, run, write_readme,
+                             workdir='/tmp/support_samples_bench', quick_help='small sets',
+                             add_arguments=_arguments, prepare=_prepare)  # fmt: skip
+    if res is not None:
+        print(json.dumps({k: res[k] for k in ('counts', 'probe')}, indent=1)[:4000])
 
 
 if __name__ == '__main__':

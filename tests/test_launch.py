@@ -178,6 +178,46 @@ def test_publish_writes_the_json_and_regenerates_the_readme_only_when_committed(
     assert seen == [stored]
 
 
+def test_study_main_routes_quick_and_redirected_runs_away_from_the_committed_json(tmp_path):
+    """A benchmark's one command line: a full run publishes at its path (README
+    regenerated), --quick into the workdir and --out where it says (README untouched),
+    --readme_only only regenerates, and prepare's parser.error stops the run."""
+    import json
+
+    harness = _benchmark('harness.py')
+    out, work, seen, runs = str(tmp_path / 'bench.json'), str(tmp_path / 'work'), [], []
+    os.makedirs(work)
+
+    def run(args):
+        runs.append(args)
+        return {'quick': args.quick, 'size': args.size}
+
+    def add(parser):
+        parser.add_argument('--size', type=int, default=8)
+
+    def prepare(args, parser):
+        if args.size < 1:
+            parser.error('--size must be positive')
+        if args.quick:
+            args.size = 2
+
+    def main(*argv):
+        return harness.study_main(list(argv), 'A study.\n\nMore.', out, run, seen.append,
+                                  workdir=work, add_arguments=add, prepare=prepare)  # fmt: skip
+
+    assert main('--quick')['size'] == 2
+    assert json.load(open(os.path.join(work, 'bench_quick.json')))['size'] == 2
+    assert not os.path.exists(out) and seen == []
+    main('--out', str(tmp_path / 'elsewhere.json'))
+    assert os.path.exists(tmp_path / 'elsewhere.json') and not os.path.exists(out) and not seen
+    main()
+    assert json.load(open(out))['size'] == 8 and seen == [json.load(open(out))]
+    assert main('--readme_only') is None and len(seen) == 2 and len(runs) == 3
+    with pytest.raises(SystemExit):
+        main('--size', '0')
+    assert len(runs) == 3
+
+
 def test_readme_fact_tracing_table_is_generated_from_the_benchmark_json():
     """The README's fact-tracing table and verdicts are the committed benchmark's."""
     module = _benchmark('fact_tracing.py')
