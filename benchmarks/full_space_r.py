@@ -89,9 +89,16 @@ def projected(model, last, train_ex, query_ex, workdir: str, block_dim: int):
     return out, feat.dim
 
 
-def exact_scores(products, blocks: np.ndarray, lam: float) -> dict[str, np.ndarray]:
-    """{row name: [Q, N]} of every METHODS row (TrackStar at ``lam``) and the damping
-    sweep, exactly in the full space."""
+def trackstar_at(lam: float) -> str:
+    """The exact TrackStar row at another D's λ auto."""
+    return f'TrackStar, exact, λ = {lam:.2f}'
+
+
+def exact_scores(
+    products, blocks: np.ndarray, lam: float, other_lams: list[float]
+) -> dict[str, np.ndarray]:
+    """{row name: [Q, N]} of every METHODS row (TrackStar at ``lam``, and at each of
+    ``other_lams``) and the damping sweep, exactly in the full space."""
     from trackstar_jax.eval import full_space
 
     fit = 0.01  # FitConfig's default damping, as the projected rows
@@ -111,6 +118,7 @@ def exact_scores(products, blocks: np.ndarray, lam: float) -> dict[str, np.ndarr
         'TRAK (R over all dims)': r(False, blocks_=one_block, unit=False),
     }
     out = {row_name(k, None): v for k, v in out.items()}
+    out.update({trackstar_at(x): r(True, lam_=x) for x in other_lams})
     out.update({damped_name(d): r(True, damping=d) for d in DAMPINGS})
     return out
 
@@ -145,8 +153,9 @@ def run(args) -> dict[str, Any]:
         print(f'[full_space_r] projected rows at D = {dim:,}: {time.time() - t0:.0f}s', flush=True)
     # The exact TrackStar row takes the λ that λ auto chose for the largest projected D.
     lam = lams[max(lams)]
+    other_lams = [v for d, v in lams.items() if d != max(lams)]
     t0 = time.time()
-    scores = exact_scores(products, blocks, lam)
+    scores = exact_scores(products, blocks, lam, other_lams)
     exact_seconds = time.time() - t0
     scores.update({name: s for name, (_, s) in proj.items()})
     tails = lds_bench.tail_patch_metrics(
@@ -170,7 +179,7 @@ def run(args) -> dict[str, Any]:
         print(f'[full_space_r] {name}: ' +
               ', '.join(f'{k} {row[k]:.3f}' for k in METRICS if k in row), flush=True)  # fmt: skip
     diffs = {}
-    for label, (a, b) in differences(dims).items():
+    for label, (a, b) in differences(dims, other_lams).items():
         entry: dict[str, Any] = {'with': a, 'without': b}
         for metric in METRICS:
             if metric in per_query[a] and metric in per_query[b]:
@@ -178,9 +187,12 @@ def run(args) -> dict[str, Any]:
                 ok = np.isfinite(x) & np.isfinite(y)
                 entry[metric] = stats.paired_bootstrap(x[ok], y[ok])
         diffs[label] = entry
-    # How much of R the full space keeps: δ_b over the mean non-zero eigenvalue of R_b
-    # (rank ≤ N), for damping 1 (scales linearly with the damping).
-    sizes = [int(products.sizes[blocks == b].sum()) for b in np.unique(blocks[blocks >= 0])]
+    # How much of R the full space keeps: δ_b over the mean non-zero eigenvalue of Exp 5's
+    # R_b (its rank from the examples' Gram matrix), for damping 1 (linear in the damping).
+    kept = np.unique(blocks[blocks >= 0])
+    sizes = [int(products.sizes[blocks == b].sum()) for b in kept]
+    ranks = [int(np.linalg.matrix_rank(products.corrected_example_gram[blocks == b].sum(0),
+                                       hermitian=True)) for b in kept]  # fmt: skip
     return {
         'benchmark': 'full_space_r',
         'quick': args.quick,
@@ -188,8 +200,9 @@ def run(args) -> dict[str, Any]:
         'train_examples': len(train_ex),
         'queries': len(query_ex),
         'block_parameters': sizes,
+        'r_train_ranks': ranks,
         'delta_over_mean_nonzero_eigenvalue_per_unit_damping': [
-            min(len(train_ex), d) / d for d in sizes
+            r / d for r, d in zip(ranks, sizes, strict=True)
         ],
         'lam_auto': {str(d): v for d, v in lams.items()},
         'exact_trackstar_lam': lam,
@@ -201,9 +214,9 @@ def run(args) -> dict[str, Any]:
     }
 
 
-def differences(dims: list[int]) -> dict[str, tuple[str, str]]:
-    """{label: (with, without)}: R at each D and exactly, λ R_eval, the projection of
-    each R row, and the damping."""
+def differences(dims: list[int], other_lams: list[float]) -> dict[str, tuple[str, str]]:
+    """{label: (with, without)}: R at each D and exactly (R_eval also at ``other_lams``),
+    the projection of each R row, and the damping."""
     out = {}
     for dim in (None, *dims):
         where = 'exact' if dim is None else f'D = {dim:,}'
@@ -213,6 +226,9 @@ def differences(dims: list[int]) -> dict[str, tuple[str, str]]:
             row_name('Exp 5 (optim+R)', dim), row_name('Exp 4 (+optim)', dim))  # fmt: skip
         out[f'R_eval mixed in (TrackStar − Exp 5), {where}'] = (
             row_name('TrackStar', dim), row_name('Exp 5 (optim+R)', dim))  # fmt: skip
+    for lam in other_lams:
+        out[f'R_eval mixed in (TrackStar − Exp 5), exact, λ = {lam:.2f}'] = (
+            trackstar_at(lam), row_name('Exp 5 (optim+R)', None))  # fmt: skip
     for dim in dims:
         for method in ('Exp 5 (optim+R)', 'TrackStar'):
             out[f'projection to D = {dim:,} ({method})'] = (row_name(method, dim),
@@ -221,6 +237,11 @@ def differences(dims: list[int]) -> dict[str, tuple[str, str]]:
         label = f'damping {d:,g} − 0.01 (Exp 5, exact)'
         out[label] = (damped_name(d), row_name('Exp 5 (optim+R)', None))
     return out
+
+
+def _span(values: list, fmt: str) -> str:
+    lo, hi = format(min(values), fmt), format(max(values), fmt)
+    return lo if lo == hi else f'{lo}–{hi}'
 
 
 def readme_table(res: dict[str, Any]) -> str:
@@ -234,9 +255,11 @@ def readme_table(res: dict[str, Any]) -> str:
         f'blocks of {min(res["block_parameters"]):,}–{max(res["block_parameters"]):,} '
         "parameters. Exact rows are float64 over the index's parameters (embedding left "
         "out); D rows are the library's projected index. λ auto chose "
-        f'{lams}; the exact TrackStar row uses {res["exact_trackstar_lam"]:.2f}. In the full '
-        'space δ = damping x the mean eigenvalue is damping x '
-        f'{min(ratio):.4f}–{max(ratio):.4f} of the mean non-zero one. Fidelity: '
+        f'{lams}; the exact TrackStar row uses {res["exact_trackstar_lam"]:.2f} (and the '
+        "other D's λ where named). In the full space Exp 5's R_b has rank "
+        f'{_span(res["r_train_ranks"], "d")}, so δ = damping x the mean '
+        f'eigenvalue is damping x {_span(ratio, ".4f")} of the mean non-zero '
+        'one. Fidelity: '
         'per-query Spearman of a projected row with its exact row. Mean over queries, 95% '
         'bootstrap interval.',
         '',

@@ -216,7 +216,19 @@ SIZES, BLOCKS = (40, 25, 6, 30), (0, 0, 1, -1)
 
 @pytest.mark.parametrize('corrected', [False, True])
 @pytest.mark.parametrize(
-    'lam, damping', [(0.0, 0.01), (0.0, 1.0), (0.3, 0.01), (0.7, 0.1), (1.0, 0.01)]
+    'lam, damping',
+    [
+        (0.0, 0.01),
+        (0.0, 1.0),
+        (0.3, 0.01),
+        (0.7, 0.1),
+        (1.0, 0.01),
+        # Near 0 and 1 one side's weight in R is below δ: the complement formula's case.
+        (1e-9, 0.01),
+        (1 - 1e-9, 0.01),
+        # Damping above every eigenvalue: neither side's weight is above δ.
+        (0.5, 1e4),
+    ],
 )
 @pytest.mark.parametrize('unit_norm', [True, False])
 def test_preconditioned_score_equals_dense_r(corrected, lam, damping, unit_norm):
@@ -268,6 +280,14 @@ def test_refusals(setup):
         full_space.preconditioned_score(products, blocks, corrected=True, lam=1.5)
     with pytest.raises(ValueError, match='at least one kept'):
         full_space.preconditioned_score(products, blocks - 1, corrected=True)
+    rng = np.random.default_rng(0)
+    synthetic, _ = _synthetic_products(rng, SIZES, nq=4, n=12)
+    zero = {f: getattr(synthetic, f).copy() for f in ('raw', 'raw_example_gram', 'raw_query_gram')}
+    for field in zero.values():
+        field[2] = 0.0  # tensor 2, block 1 on its own: every gradient zero
+    zeroed = full_space.GradientProducts(**{**synthetic.__dict__, **zero})
+    with pytest.raises(ValueError, match='every gradient in it is zero'):
+        full_space.preconditioned_score(zeroed, BLOCKS, corrected=False)
     no_grams = full_space.GradientProducts(
         **{**products.__dict__, 'raw_example_gram': None, 'corrected_example_gram': None}
     )

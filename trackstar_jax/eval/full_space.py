@@ -179,7 +179,9 @@ def gradient_products(
     nt, nq, nn_ = len(paths), len(queries), len(examples)
     raw, both, side = (np.zeros((nt, nq, nn_)) for _ in range(3))
     e_sq, e_sq_c = np.zeros((nt, nn_)), np.zeros((nt, nn_))
-    held = [np.zeros((nn_, int(x.size)), np.float32) for x in c] if grams else None
+    # The gradients are float32 (float64 under jax_enable_x64): held in their own precision.
+    held_dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
+    held = [np.zeros((nn_, int(x.size)), held_dtype) for x in c] if grams else None
     t0 = time.time()
     for i, (cols, g) in enumerate(batches(list(examples), seq_len)):
         for t in range(nt):
@@ -190,7 +192,7 @@ def gradient_products(
             e_sq[t, cols] = (g[t] * g[t]).sum(1)
             e_sq_c[t, cols] = (gmc * gmc).sum(1)
             if held is not None:
-                held[t][cols] = g[t]  # float32 gradients: exact in float32
+                held[t][cols] = g[t]  # exact: g[t] holds the gradient's own values
         if i % 8 == 0:
             logging.info('Full-space gradients: %d/%d examples, %.0fs', cols[-1] + 1, nn_,
                          time.time() - t0)  # fmt: skip
@@ -283,6 +285,9 @@ def tensor_blocks(products: GradientProducts, spec: Any, params: Any) -> np.ndar
     return np.array([blocks[p] for p in products.paths])
 
 
+_TINY = np.finfo(np.float64).tiny
+
+
 def preconditioned_score(
     products: GradientProducts,
     blocks: Sequence[int] | np.ndarray,
@@ -309,8 +314,8 @@ def preconditioned_score(
       unit_norm: normalise both preconditioned vectors (TrackStar) or not (TRAK).
 
     Raises:
-      ValueError: without Gram matrices, for λ outside [0, 1], or for blocks that keep
-        no tensor.
+      ValueError: without Gram matrices, for λ outside [0, 1], for blocks that keep no
+        tensor, or for a block whose gradients are all zero (R_b = 0).
     """
     if products.raw_example_gram is None:
         raise ValueError('preconditioned_score needs gradient_products(..., grams=True).')
@@ -336,26 +341,35 @@ def preconditioned_score(
     for b in np.unique(blocks[blocks >= 0]):
         t = blocks == b
         k_qm, k_mm, k_qq = qm[t].sum(0), mm[t].sum(0), qq[t].sum(0)
+        weight_m, weight_q = a2 * np.trace(k_mm), c2 * np.trace(k_qq)  # their traces in R_b
+        if weight_m + weight_q <= 0:
+            raise ValueError(f'Block {b}: every gradient in it is zero, so R_b = 0.')
+        delta = max(damping * (weight_m + weight_q) / products.sizes[t].sum(), _TINY)
         ac = np.sqrt(a2 * c2)
         hh = np.block([[a2 * k_mm, ac * k_qm.T], [ac * k_qm, c2 * k_qq]])  # H Hᵀ
-        delta = damping * (a2 * np.trace(k_mm) + c2 * np.trace(k_qq)) / products.sizes[t].sum()
-        delta = max(delta, np.finfo(np.float64).tiny)
         s, u = np.linalg.eigh((hh + hh.T) / 2)
         s = np.maximum(s, 0.0)
         hq = np.concatenate([np.sqrt(a2) * k_qm.T, np.sqrt(c2) * k_qq])  # columns H x_q
         hm = np.concatenate([np.sqrt(a2) * k_mm, np.sqrt(c2) * k_qm])  # columns H x_m
         wq, wm, inv = u.T @ hq, u.T @ hm, 1.0 / (s + delta)
-        # A vector x that is a row of H (x = Hᵀ e / √w) has x_aᵀ (R + δ)⁻¹ x = [(H Hᵀ + δ)⁻¹
-        # H x_a]_e / √w and xᵀ (R + δ)⁻¹ x = [(H Hᵀ + δ)⁻¹ H Hᵀ]_ee / w: no cancellation.
-        # One that is not (the queries at λ = 0, the examples at λ = 1) has
-        # xᵀ (R + δ)⁻¹ x = (‖x‖² − (H x)ᵀ (H Hᵀ + δ)⁻¹ H x) / δ.
-        if lam < 1:
+        # Each side by the formula that is exact for it. A side whose weight in R_b is
+        # above δ is a row of H (x = Hᵀ e / √w): x_aᵀ (R + δ)⁻¹ x = [(H Hᵀ + δ)⁻¹ H x_a]_e / √w
+        # and xᵀ (R + δ)⁻¹ x = [(H Hᵀ + δ)⁻¹ H Hᵀ]_ee / w, no cancellation. A side of weight
+        # 0 or near it (λ = 0 or 1, or close) would divide by that weight; for it the
+        # complement x_aᵀ (R + δ)⁻¹ x = (⟨x_a, x⟩ − (H x_a)ᵀ (H Hᵀ + δ)⁻¹ H x) / δ, which
+        # holds for any x, has no cancellation either.
+        rows_m, rows_q = weight_m > delta, weight_q > delta
+        if rows_m:
             scores += (u[:n] @ (wq * inv[:, None])).T / np.sqrt(a2)
+        elif rows_q:
+            scores += (u[n:] @ (wm * inv[:, None])) / np.sqrt(c2)
+        else:
+            scores += (k_qm - wq.T @ (wm * inv[:, None])) / delta
+        if rows_m:
             m_sq += (u[:n] ** 2) @ (s * inv) / a2
         else:
-            scores += (u[n:] @ (wm * inv[:, None])) / np.sqrt(c2)
             m_sq += np.maximum(np.diag(k_mm) - (wm**2 * inv[:, None]).sum(0), 0) / delta
-        if lam > 0:
+        if rows_q:
             q_sq += (u[n:] ** 2) @ (s * inv) / c2
         else:
             q_sq += np.maximum(np.diag(k_qq) - (wq**2 * inv[:, None]).sum(0), 0) / delta
