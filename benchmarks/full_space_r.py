@@ -125,7 +125,7 @@ def exact_scores(
 
 def run(args) -> dict[str, Any]:
     from trackstar_jax import grads
-    from trackstar_jax.eval import full_space, lds, stats
+    from trackstar_jax.eval import full_space, lds
 
     t_start = time.time()
     ns = lds_bench.default_args(args.workdir, args.quick)
@@ -171,10 +171,7 @@ def run(args) -> dict[str, Any]:
         q['rr'] = 1.0 / lds_bench.gold_ranks(s, gold)
         q['tail_patch'] = np.asarray(tails['methods'][name]['tail_patch_per_query'])
         per_query[name] = q
-        row: dict[str, Any] = {}
-        for key, v in q.items():
-            mean, lo, hi = stats.bootstrap_ci(v[np.isfinite(v)])
-            row[key], row[key + '_ci'] = mean, [lo, hi]
+        row = harness.query_intervals(q)
         rows[name] = row
         print(f'[full_space_r] {name}: ' +
               ', '.join(f'{k} {row[k]:.3f}' for k in METRICS if k in row), flush=True)  # fmt: skip
@@ -183,9 +180,8 @@ def run(args) -> dict[str, Any]:
         entry: dict[str, Any] = {'with': a, 'without': b}
         for metric in METRICS:
             if metric in per_query[a] and metric in per_query[b]:
-                x, y = per_query[a][metric], per_query[b][metric]
-                ok = np.isfinite(x) & np.isfinite(y)
-                entry[metric] = stats.paired_bootstrap(x[ok], y[ok])
+                entry[metric] = harness.paired_difference(per_query[a][metric],
+                                                          per_query[b][metric])  # fmt: skip
         diffs[label] = entry
     # How much of R the full space keeps: δ_b over the mean non-zero eigenvalue of Exp 5's
     # R_b (its rank from the examples' Gram matrix), for damping 1 (linear in the damping).

@@ -353,6 +353,34 @@ def study_main(
     return res
 
 
+def query_intervals(per_query: Mapping[str, Any]) -> dict[str, Any]:
+    """{metric: mean, metric + '_ci': [low, high]}: each per-query array's mean and 95%
+    bootstrap interval over its finite entries (a query whose metric is undefined, e.g.
+    a constant ranking's Spearman, is left out, not counted as 0)."""
+    import numpy as np
+
+    from trackstar_jax.eval import stats
+
+    row: dict[str, Any] = {}
+    for key, v in per_query.items():
+        v = np.asarray(v, float)
+        mean, lo, hi = stats.bootstrap_ci(v[np.isfinite(v)])
+        row[key], row[key + '_ci'] = mean, [lo, hi]
+    return row
+
+
+def paired_difference(a: Any, b: Any) -> dict[str, float]:
+    """Paired bootstrap of a - b (``stats.paired_bootstrap``) over the queries where both
+    are finite."""
+    import numpy as np
+
+    from trackstar_jax.eval import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    return stats.paired_bootstrap(a[ok], b[ok])
+
+
 def interval(value: float, low: float, high: float, digits: int = 3, signed: bool = False) -> str:
     """'0.123 [0.100, 0.150]': a mean and its interval for a README table."""
     f = f'{{:{"+" if signed else ""}.{digits}f}}'

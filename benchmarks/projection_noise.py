@@ -135,7 +135,7 @@ def per_query(exact, scores, step, gold, pred=None) -> dict[str, np.ndarray]:
 
 
 def run(args) -> dict[str, Any]:
-    from trackstar_jax.eval import full_space, stats
+    from trackstar_jax.eval import full_space
 
     t_start = time.time()
     ns = lds_bench.default_args(args.workdir, args.quick)
@@ -170,10 +170,8 @@ def run(args) -> dict[str, Any]:
                 print(f'[projection_noise] {form_name} {projection} D={dim}: '
                       f'{time.time() - t0:.0f}s', flush=True)  # fmt: skip
     for key, q in per_q.items():
-        row: dict[str, Any] = {'form': key[0], 'projection': key[1], 'dim': key[2]}
-        for metric, v in q.items():
-            mean, lo, hi = stats.bootstrap_ci(v[np.isfinite(v)])
-            row[metric], row[metric + '_ci'] = mean, [lo, hi]
+        row: dict[str, Any] = {'form': key[0], 'projection': key[1], 'dim': key[2],
+                               **harness.query_intervals(q)}  # fmt: skip
         if 'noise' in row:
             # D_eff: the D at which an ideal JL projection of unit vectors (noise 1/√D)
             # would be as noisy as this one; mean noise over queries.
@@ -201,7 +199,7 @@ def run(args) -> dict[str, Any]:
         diffs[label] = {
             'with': row_name(*a),
             'without': row_name(*b),
-            **{m: _paired(stats, qa[m], qb[m]) for m in qa if m in qb},
+            **{m: harness.paired_difference(qa[m], qb[m]) for m in qa if m in qb},
         }
     return {
         'benchmark': 'projection_noise',
@@ -215,12 +213,6 @@ def run(args) -> dict[str, Any]:
         'differences': diffs,
         'wall_seconds': time.time() - t_start,
     }
-
-
-def _paired(stats, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Paired bootstrap of a - b over the queries where both are finite (as the rows)."""
-    ok = np.isfinite(a) & np.isfinite(b)
-    return stats.paired_bootstrap(a[ok], b[ok])
 
 
 def row_name(form: str, projection: str, dim: int) -> str:

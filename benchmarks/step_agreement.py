@@ -140,7 +140,7 @@ def projected_scores(model, last, train_ex, query_ex, workdir: str) -> dict[str,
 
 
 def run(args) -> dict[str, Any]:
-    from trackstar_jax.eval import full_space, lds, stats
+    from trackstar_jax.eval import full_space, lds
 
     t_start = time.time()
     ns = lds_bench.default_args(args.workdir, args.quick)
@@ -178,10 +178,7 @@ def run(args) -> dict[str, Any]:
         q['rr'] = 1.0 / lds_bench.gold_ranks(s, gold)
         q['tail_patch'] = np.asarray(tails['methods'][name]['tail_patch_per_query'])
         per_query[name] = q
-        row: dict[str, Any] = {}
-        for key, v in q.items():
-            mean, lo, hi = stats.bootstrap_ci(v[np.isfinite(v)])
-            row[key], row[key + '_ci'] = mean, [lo, hi]
+        row = harness.query_intervals(q)
         row['first_order_pp'] = tails['methods'][name]['first_order_pp']
         if name in projected:
             row['dim'] = projected[name]['dim']
@@ -192,9 +189,7 @@ def run(args) -> dict[str, Any]:
     for part, (a, b) in PARTS.items():
         entry: dict[str, Any] = {'with': a, 'without': b}
         for metric in METRICS:
-            x, y = per_query[a][metric], per_query[b][metric]
-            ok = np.isfinite(x) & np.isfinite(y)
-            entry[metric] = stats.paired_bootstrap(x[ok], y[ok])
+            entry[metric] = harness.paired_difference(per_query[a][metric], per_query[b][metric])
         parts[part] = entry
     embedding = [p for p in products.paths if 'embedding' in p]
     return {

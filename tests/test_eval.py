@@ -1,5 +1,6 @@
 """Fact-tracing evaluation: metrics by hand, tail-patch vs the trainer, user facts path."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -41,21 +42,21 @@ TC = train.TrainConfig(
 )
 
 
-def _trained_checkpoint(directory):
+def _trained_checkpoint(directory, tc=TC):
     """A tiny model trained 3 steps on embedded-corpus text, checkpointed with its state."""
     mesh = shd.make_mesh((('data', 1), ('model', 1)), devices=jax.devices()[:1])
     model = DecoderLM(CFG)
-    state, shardings = train.create_train_state(model, TC, mesh)
-    step = train.make_train_step(model, train.make_optimizer(TC), mesh, shardings)
+    state, shardings = train.create_train_state(model, tc, mesh)
+    step = train.make_train_step(model, train.make_optimizer(tc), mesh, shardings)
     rng = np.random.default_rng(0)
-    for _ in range(TC.num_steps):
+    for _ in range(tc.num_steps):
         toks = rng.integers(3, 4096, (8, 32)).astype(np.int32)
         mask = np.ones((8, 32), np.float32)
         mask[:, 0] = 0
         state, _ = step(state, train.global_batch(mesh, {'tokens': toks, 'loss_mask': mask}))
     mngr = checkpoint.manager(directory)
     checkpoint.save(
-        mngr, TC.num_steps, state, {'model': CFG.to_dict(), 'train': TC.to_dict(), 'tokenizer': ''}
+        mngr, tc.num_steps, state, {'model': CFG.to_dict(), 'train': tc.to_dict(), 'tokenizer': ''}
     )
     return model, state, mesh, shardings
 
@@ -146,6 +147,45 @@ def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
         norm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(u)))
         assert first[i, 1] == pytest.approx(norm, rel=1e-5)
     assert np.any(first[:, 0] != 0)
+
+
+def test_parameter_scaling_reaches_the_trainer_and_the_tail_patch_step(tmp_path):
+    """With ``multiply_by_parameter_scale`` every tensor's update is the unscaled one
+    times max(RMS(θ_t), 1e-3) (numpy), in the trainer and in tail-patch's step."""
+    tc = dataclasses.replace(TC, multiply_by_parameter_scale=True, learning_rate=0.1)
+    model, state, mesh, shardings = _trained_checkpoint(str(tmp_path / 'ckpt'), tc)
+    host = jax.device_get(state)
+    rng = np.random.default_rng(3)
+    one = {'tokens': rng.integers(3, 4096, (1, 32)).astype(np.int32),
+           'loss_mask': np.ones((1, 32), np.float32)}  # fmt: skip
+    grads_ = jax.grad(lambda p: train.loss_fn(model, p, one))(host.params)
+    scaled, _ = train.make_optimizer(tc).update(grads_, host.opt_state, host.params)
+    # The same state without the parameter scaling's own (empty) entry in the chain.
+    plain_tx = train.make_optimizer(dataclasses.replace(tc, multiply_by_parameter_scale=False))
+    plain_state = tuple(x for i, x in enumerate(host.opt_state) if i != 3)
+    assert jax.tree.structure(plain_state) == jax.tree.structure(plain_tx.init(host.params))
+    plain, _ = plain_tx.update(grads_, plain_state, host.params)
+    rms = jax.tree.map(lambda p: max(float(np.sqrt(np.mean(np.square(np.float64(p))))), 1e-3),
+                       host.params)  # fmt: skip
+    for s_, p_, r in zip(*(jax.tree.leaves(t) for t in (scaled, plain, rms)), strict=True):
+        np.testing.assert_allclose(np.asarray(s_), np.asarray(p_) * r, rtol=1e-6, atol=1e-12)
+    assert len({round(r, 6) for r in jax.tree.leaves(rms)}) > 1  # scales differ by tensor
+    # tail-patch under the checkpoint's config equals the real (scaled) trainer step.
+    query = {'tokens': rng.integers(3, 4096, 16).astype(np.int32),
+             'loss_mask': (np.arange(16) >= 10).astype(np.float32)}  # fmt: skip
+    patch = tail_patch_lib.make_tail_patch(model, tc)
+    delta = float(np.asarray(patch(host.params, host.opt_state, one, query))[0])
+    step = train.make_train_step(model, train.make_optimizer(tc), mesh, shardings)
+    new_state, _ = step(jax.device_put(host, shardings), train.global_batch(mesh, one))
+
+    def prob(params):
+        logits = model.apply({'params': params}, query['tokens'][None])
+        nll = losses.example_losses(logits, query['tokens'][None], query['loss_mask'][None])[0]
+        return float(np.exp(-nll))
+
+    assert delta == pytest.approx(prob(jax.device_get(new_state.params)) - prob(host.params),
+                                  rel=1e-4, abs=1e-9)  # fmt: skip
+    assert delta != 0
 
 
 def test_first_order_matrix_equals_per_pair_predictions(tmp_path):

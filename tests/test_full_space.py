@@ -43,7 +43,8 @@ def _factored_state(state):
 def _optax_update(tx, grads, fs, params):
     """optax's update of ``grads`` from the saved second moments, held fixed (decay
     exponent 100: at the state's step count the new g² gets weight 0 in float32)."""
-    updates, _ = tx.update(grads, (fs, optax.EmptyState()), params)
+    rest = (optax.EmptyState(),) * (len(tx.init(params)) - 1)  # the stateless transforms
+    updates, _ = tx.update(grads, (fs, *rest), params)
     return {
         '/'.join(str(k.key) for k in path): np.asarray(leaf, np.float64).ravel()
         for path, leaf in jax.tree_util.tree_leaves_with_path(updates)
@@ -89,6 +90,12 @@ def test_forms_equal_brute_force(setup, exclude):
         optax.scale_by_factored_rms(decay_rate=100.0, min_dim_size_to_factor=MIN_DIM),
         optax.clip_by_block_rms(CLIP),
     )
+    # The same step of a model trained with Adafactor's parameter scaling.
+    scaled = optax.chain(
+        optax.scale_by_factored_rms(decay_rate=100.0, min_dim_size_to_factor=MIN_DIM),
+        optax.clip_by_block_rms(CLIP),
+        optax.scale_by_param_block_rms(),
+    )
 
     def keep(flat):
         paths = sorted(p for p in flat if not any(x in p for x in exclude))
@@ -99,15 +106,15 @@ def test_forms_equal_brute_force(setup, exclude):
         flat, tree = _flat_grad(model, params, ex)
         gq.append(keep(flat))
         cq.append(keep(_optax_update(scale, tree, fs, params)))
-    gm, cm, um = [], [], []
+    gm, cm, um, us = [], [], [], []
     for ex in examples:
         flat, tree = _flat_grad(model, params, ex)
         gm.append(keep(flat))
         cm.append(keep(_optax_update(scale, tree, fs, params)))
-        um.append(
-            keep(_optax_update(clipped, _flat_grad(model, params, ex, mean=True)[1], fs, params))
-        )
-    gq, cq, gm, cm, um = map(np.stack, (gq, cq, gm, cm, um))
+        mean_grad = _flat_grad(model, params, ex, mean=True)[1]
+        um.append(keep(_optax_update(clipped, mean_grad, fs, params)))
+        us.append(keep(_optax_update(scaled, mean_grad, fs, params)))
+    gq, cq, gm, cm, um, us = map(np.stack, (gq, cq, gm, cm, um, us))
     # ⟨C g_q, C g_m⟩ and ⟨g_q, C g_m⟩ from optax's C g on each side.
     expected = {
         'dot': gq @ gm.T,
@@ -115,8 +122,13 @@ def test_forms_equal_brute_force(setup, exclude):
         'corrected': _cosine_rows(cq, cm),
         'train_corrected': (gq @ cm.T) / np.outer(_norms(gq), _norms(cm)),
         'step': (gq @ um.T) / _norms(gq)[:, None],
+        'step, parameter scale': (gq @ us.T) / _norms(gq)[:, None],
     }
     assert not np.allclose(cm, gm), 'the correction must change the gradients here'
+    # Parameter RMS differs between tensors (norm scales 1, weights ~0.02), so the
+    # scaled step is not the unscaled one times a constant.
+    ratio = expected['step, parameter scale'] / expected['step']
+    assert ratio.std() > 0.1 * np.abs(ratio).mean(), ratio
     # Clipping must bind on some (tensor, example) pairs and not on others, or 'step'
     # tests only one branch of it.
     rms = np.sqrt(products.example_sq_corrected) / products.example_tokens
@@ -131,11 +143,14 @@ def test_forms_equal_brute_force(setup, exclude):
         'corrected': 1.0,
         'train_corrected': 1.0,
         'step': _norms(um)[None, :],
+        'step, parameter scale': _norms(us)[None, :],
     }
-    for form, want in expected.items():
-        got = full_space.score(products, form, exclude=exclude, clipping_threshold=CLIP)
+    for name, want in expected.items():
+        form, _, scale_by = name.partition(', ')
+        got = full_space.score(products, form, exclude=exclude, clipping_threshold=CLIP,
+                               parameter_scale=bool(scale_by))  # fmt: skip
         err, allowed = np.abs(got - want), 2e-5 * np.abs(want) + 1e-6 * bound[form]
-        assert (err <= allowed).all(), (form, (err / allowed).max(), got, want)
+        assert (err <= allowed).all(), (name, (err / allowed).max(), got, want)
     # The Gram matrices preconditioned_score builds R from, within the same ulps.
     kept = full_space.tensor_mask(products, exclude)
     grams = {
@@ -275,6 +290,8 @@ def test_refusals(setup):
         full_space.score(products, 'trackstar')
     with pytest.raises(ValueError, match='leaves no parameter'):
         full_space.score(products, 'dot', exclude=('',))
+    with pytest.raises(ValueError, match="parameter_scale needs form 'step'"):
+        full_space.score(products, 'cosine', parameter_scale=True)
     blocks = np.zeros(len(products.paths), int)
     with pytest.raises(ValueError, match=r'lam must be in \[0, 1\]'):
         full_space.preconditioned_score(products, blocks, corrected=True, lam=1.5)

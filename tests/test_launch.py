@@ -162,6 +162,24 @@ def _result(name: str) -> dict:
         return json.load(f)
 
 
+def test_query_intervals_and_paired_differences_leave_out_undefined_queries():
+    """Against a hand loop: a NaN query is dropped from a row's interval and from a paired
+    difference (for both sides), not counted as 0."""
+    harness = _benchmark('harness.py')
+    from trackstar_jax.eval import stats
+
+    a = np.array([0.5, np.nan, 0.25, 1.0, 0.75])
+    b = np.array([0.25, 0.5, np.nan, 0.5, 0.5])
+    row = harness.query_intervals({'rho': a, 'rr': b})
+    mean, lo, hi = stats.bootstrap_ci([0.5, 0.25, 1.0, 0.75])
+    assert row['rho'] == pytest.approx(0.625) and row['rho'] == mean
+    assert row['rho_ci'] == [lo, hi]
+    assert row['rr'] == pytest.approx(0.4375)
+    diff = harness.paired_difference(a, b)
+    assert diff == stats.paired_bootstrap([0.5, 1.0, 0.75], [0.25, 0.5, 0.5])
+    assert diff['diff'] == pytest.approx(1 / 3)
+
+
 def test_publish_writes_the_json_and_regenerates_the_readme_only_when_committed(tmp_path):
     """A committed result's README section is made from the file as written (command
     and timestamp included); a quick or redirected one never touches the README."""
@@ -323,6 +341,22 @@ def test_readme_full_space_r_tables_are_generated_from_the_benchmark_json():
     assert set(module.differences(dims, others)) == set(result['differences'])
     assert module.write_readme(result, check=True), (
         'run python benchmarks/full_space_r.py --readme_only'
+    )
+
+
+def test_readme_parameter_scale_tables_are_generated_from_the_benchmark_json():
+    """The README's parameter-scaling tables are the committed parameter_scale.json's:
+    one model with absolute steps, one trained with parameter scaling, every row and
+    difference on each."""
+    module, result = _benchmark('parameter_scale.py'), _result('parameter_scale.json')
+    assert result['quick'] is False and result['queries'] >= 32
+    scaled = [m['multiply_by_parameter_scale'] for m in result['models'].values()]
+    assert scaled == [False, True]
+    for model in result['models'].values():
+        assert set(model['rows']) == {*module.FULL_ROWS, module.PROJECTED}
+        assert set(model['parts']) == set(module.PARTS)
+    assert module.write_readme(result, check=True), (
+        'run python benchmarks/parameter_scale.py --readme_only'
     )
 
 

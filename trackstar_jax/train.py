@@ -36,6 +36,10 @@ class TrainConfig:
         largest dims are at least this (optax's default 128; lower it on tiny models).
       decay_rate: Adafactor's second-moment decay exponent.
       clipping_threshold: Adafactor update clipping.
+      multiply_by_parameter_scale: scale each tensor's update by its parameters' RMS
+        (at least 1e-3), so ``learning_rate`` is relative (Adafactor's paper and T5X do;
+        optax's default). Off by default: our models train with absolute steps. Saved
+        with the checkpoint, so tail-patch steps as the model was trained.
       batch_size: global batch size (examples per step).
       seq_len: tokens per example.
       num_steps: total training steps.
@@ -49,6 +53,7 @@ class TrainConfig:
     min_dim_size_to_factor: int = 128
     decay_rate: float = 0.8
     clipping_threshold: float | None = 1.0
+    multiply_by_parameter_scale: bool = False
     batch_size: int = 16
     seq_len: int = 128
     num_steps: int = 1000
@@ -88,7 +93,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
         min_dim_size_to_factor=config.min_dim_size_to_factor,
         decay_rate=config.decay_rate,
         clipping_threshold=config.clipping_threshold,
-        multiply_by_parameter_scale=False,
+        multiply_by_parameter_scale=config.multiply_by_parameter_scale,
     )
 
 

@@ -25,7 +25,9 @@ at a time. The forms:
   Adafactor clips an update (u_t / max(1, RMS(u_t) / threshold)) and g̃_m the gradient
   of the example's mean token loss (the trainer's objective on a batch of one): the
   first-order effect on the query's loss of one step on m with the second moments held
-  at V, up to the learning rate.
+  at V, up to the learning rate. With ``parameter_scale`` each tensor's update is also
+  multiplied by max(RMS(θ_t), 1e-3), as Adafactor's ``multiply_by_parameter_scale``
+  does (``TrainConfig.multiply_by_parameter_scale``): the step of a model trained so.
 
 Sign: every form is positive when a step on m lowers the query's loss (a proponent).
 
@@ -72,6 +74,8 @@ class GradientProducts:
       query_sq: [T, Q] ‖g_q‖² per tensor; ``query_sq_corrected`` the same of C g_q.
       example_sq: [T, N] ‖g_m‖²; ``example_sq_corrected`` the same of C g_m.
       example_tokens: [N] target tokens of each training example.
+      param_rms: [T] RMS of each tensor's parameter values (what Adafactor's parameter
+        scaling multiplies a tensor's update by, floored at 1e-3); None where unknown.
       raw_example_gram, corrected_example_gram: [T, N, N] ⟨g_m, g_m'⟩ and
         ⟨C g_m, C g_m'⟩ per tensor (only with ``gradient_products(grams=True)``).
       raw_query_gram, corrected_query_gram: [T, Q, Q] the same of the queries.
@@ -91,6 +95,7 @@ class GradientProducts:
     corrected_example_gram: np.ndarray | None = None
     raw_query_gram: np.ndarray | None = None
     corrected_query_gram: np.ndarray | None = None
+    param_rms: np.ndarray | None = None
 
 
 def dense_corrections(params: Any, correction: str, opt_state: Any | None) -> dict[str, np.ndarray]:
@@ -161,6 +166,9 @@ def gradient_products(
     params = nn.unbox(params)
     dense = dense_corrections(params, correction, opt_state)
     paths = tuple(sorted(dense))
+    values = {layout_lib.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    param_rms = np.array([np.sqrt(np.mean(np.square(np.asarray(values[p], np.float64))))
+                          for p in paths])  # fmt: skip
     c = [dense[p].reshape(1, -1) for p in paths]
     grad_fn = _per_example_grads(model)
 
@@ -218,6 +226,7 @@ def gradient_products(
         example_sq=e_sq,
         example_sq_corrected=e_sq_c,
         example_tokens=np.array([float(np.sum(ex['loss_mask'])) for ex in examples]),
+        param_rms=param_rms,
     )
 
 
@@ -241,15 +250,26 @@ def score(
     form: str,
     exclude: Sequence[str] = (),
     clipping_threshold: float | None = 1.0,
+    parameter_scale: bool = False,
 ) -> np.ndarray:
     """[Q, N] scores of one form (see the module docstring) over the tensors whose path
     contains none of ``exclude``.
 
+    Args:
+      products: from :func:`gradient_products`.
+      form: one of ``FORMS``.
+      exclude: tensors whose path contains any of these are left out.
+      clipping_threshold: the step form's per-tensor update clipping (None: none).
+      parameter_scale: the step form's updates scaled by each tensor's parameter RMS.
+
     Raises:
-      ValueError: for an unknown form, or an ``exclude`` that leaves no tensor.
+      ValueError: for an unknown form, an ``exclude`` that leaves no tensor, or
+        ``parameter_scale`` with another form or without ``products.param_rms``.
     """
     if form not in FORMS:
         raise ValueError(f'form must be one of {FORMS}, got {form!r}.')
+    if parameter_scale and (form != 'step' or products.param_rms is None):
+        raise ValueError("parameter_scale needs form 'step' and products with param_rms.")
     keep = tensor_mask(products, exclude)
     if not keep.any():
         raise ValueError(f'exclude={tuple(exclude)} leaves no parameter tensor.')
@@ -275,6 +295,8 @@ def score(
         rms = np.sqrt(products.example_sq_corrected[keep]) / tokens
         rms = rms / np.sqrt(products.sizes[keep])[:, None]
         per_tensor = per_tensor / np.maximum(1.0, rms / clipping_threshold)[:, None, :]
+    if parameter_scale:  # optax's scale_by_param_block_rms: max(RMS(θ_t), 1e-3)
+        per_tensor = per_tensor * np.maximum(products.param_rms[keep], 1e-3)[:, None, None]
     return per_tensor.sum(0) / norm(products.query_sq)[:, None]
 
 
