@@ -20,7 +20,10 @@ sides), corrected on the training side, the step form, and the step form times e
 tensor's parameter RMS; beside the library's projected Exp 4 at D = 1,024. Per row: ρ
 one-step (per query, Spearman with the model's own first-order one-step matrix), MRR of
 the entailing gloss and tail-patch (one step of the model's own optimizer on each of the
-top 3). Then paired differences (95% bootstrap over queries) on each model.
+top 3), at the step's learning rate and at SMALL_STEP of it (nearer first order), with
+the first-order predictions of both and, per model, how well measured and predicted Δp
+agree over every stepped pair. Then paired differences (95% bootstrap over queries) on
+each model.
 """
 
 from __future__ import annotations

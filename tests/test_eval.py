@@ -151,7 +151,10 @@ def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
 
 def test_parameter_scaling_reaches_the_trainer_and_the_tail_patch_step(tmp_path):
     """With ``multiply_by_parameter_scale`` every tensor's update is the unscaled one
-    times max(RMS(θ_t), 1e-3) (numpy), in the trainer and in tail-patch's step."""
+    times max(RMS(θ_t), 1e-3) (numpy), in the trainer and in tail-patch's step on the
+    restored checkpoint (whose recorded TrainConfig carries the setting)."""
+    from trackstar_jax.jobs.common import load_model
+
     tc = dataclasses.replace(TC, multiply_by_parameter_scale=True, learning_rate=0.1)
     model, state, mesh, shardings = _trained_checkpoint(str(tmp_path / 'ckpt'), tc)
     host = jax.device_get(state)
@@ -159,22 +162,32 @@ def test_parameter_scaling_reaches_the_trainer_and_the_tail_patch_step(tmp_path)
     one = {'tokens': rng.integers(3, 4096, (1, 32)).astype(np.int32),
            'loss_mask': np.ones((1, 32), np.float32)}  # fmt: skip
     grads_ = jax.grad(lambda p: train.loss_fn(model, p, one))(host.params)
-    scaled, _ = train.make_optimizer(tc).update(grads_, host.opt_state, host.params)
     # The same state without the parameter scaling's own (empty) entry in the chain.
     plain_tx = train.make_optimizer(dataclasses.replace(tc, multiply_by_parameter_scale=False))
     plain_state = tuple(x for i, x in enumerate(host.opt_state) if i != 3)
     assert jax.tree.structure(plain_state) == jax.tree.structure(plain_tx.init(host.params))
     plain, _ = plain_tx.update(grads_, plain_state, host.params)
-    rms = jax.tree.map(lambda p: max(float(np.sqrt(np.mean(np.square(np.float64(p))))), 1e-3),
-                       host.params)  # fmt: skip
-    for s_, p_, r in zip(*(jax.tree.leaves(t) for t in (scaled, plain, rms)), strict=True):
-        np.testing.assert_allclose(np.asarray(s_), np.asarray(p_) * r, rtol=1e-6, atol=1e-12)
-    assert len({round(r, 6) for r in jax.tree.leaves(rms)}) > 1  # scales differ by tensor
-    # tail-patch under the checkpoint's config equals the real (scaled) trainer step.
+    # The trained params, and the same with one tensor's RMS below the 1e-3 floor (the
+    # scale reads only the params: V, the clipping and the rate come from the gradient).
+    leaves, treedef = jax.tree.flatten(host.params)
+    tiny = list(leaves)
+    shrink = 1e-5 / np.sqrt(np.mean(np.square(np.float64(tiny[1]))))
+    tiny[1] = (np.asarray(tiny[1], np.float64) * shrink).astype(leaves[1].dtype)
+    for params in (host.params, jax.tree.unflatten(treedef, tiny)):
+        scaled, _ = train.make_optimizer(tc).update(grads_, host.opt_state, params)
+        rms = [max(float(np.sqrt(np.mean(np.square(np.float64(p))))), 1e-3)
+               for p in jax.tree.leaves(params)]  # fmt: skip
+        for s_, p_, r in zip(jax.tree.leaves(scaled), jax.tree.leaves(plain), rms, strict=True):
+            np.testing.assert_allclose(np.asarray(s_), np.asarray(p_) * r, rtol=1e-6, atol=1e-12)
+        assert len({round(r, 6) for r in rms}) > 1  # scales differ by tensor
+    assert rms[1] == 1e-3  # the floor, on the tiny tensor
+    # tail-patch on the restored checkpoint equals the real (scaled) trainer step.
+    loaded = load_model(str(tmp_path / 'ckpt'), mesh)
+    assert loaded.train_config.multiply_by_parameter_scale
     query = {'tokens': rng.integers(3, 4096, 16).astype(np.int32),
              'loss_mask': (np.arange(16) >= 10).astype(np.float32)}  # fmt: skip
-    patch = tail_patch_lib.make_tail_patch(model, tc)
-    delta = float(np.asarray(patch(host.params, host.opt_state, one, query))[0])
+    patch = tail_patch_lib.make_tail_patch(loaded.model, loaded.train_config)
+    delta = float(np.asarray(patch(loaded.params, loaded.opt_state, one, query))[0])
     step = train.make_train_step(model, train.make_optimizer(tc), mesh, shardings)
     new_state, _ = step(jax.device_put(host, shardings), train.global_batch(mesh, one))
 

@@ -106,7 +106,17 @@ def test_forms_equal_brute_force(setup, exclude):
         flat, tree = _flat_grad(model, params, ex)
         gq.append(keep(flat))
         cq.append(keep(_optax_update(scale, tree, fs, params)))
-    gm, cm, um, us = [], [], [], []
+    # One tensor's parameters shrunk to RMS 1e-5, below the scale's 1e-3 floor: only the
+    # scale reads the params, so the same gradients give the floored step.
+    small_path = [p for p in products.paths if p.endswith('kernel')][-1]
+
+    def shrink(path, p):
+        if '/'.join(str(k.key) for k in path) != small_path:
+            return p
+        return p * (1e-5 / jnp.sqrt(jnp.mean(jnp.square(p))))
+
+    small_params = jax.tree_util.tree_map_with_path(shrink, params)
+    gm, cm, um, us, uf = [], [], [], [], []
     for ex in examples:
         flat, tree = _flat_grad(model, params, ex)
         gm.append(keep(flat))
@@ -114,7 +124,8 @@ def test_forms_equal_brute_force(setup, exclude):
         mean_grad = _flat_grad(model, params, ex, mean=True)[1]
         um.append(keep(_optax_update(clipped, mean_grad, fs, params)))
         us.append(keep(_optax_update(scaled, mean_grad, fs, params)))
-    gq, cq, gm, cm, um, us = map(np.stack, (gq, cq, gm, cm, um, us))
+        uf.append(keep(_optax_update(scaled, mean_grad, fs, small_params)))
+    gq, cq, gm, cm, um, us, uf = map(np.stack, (gq, cq, gm, cm, um, us, uf))
     # ⟨C g_q, C g_m⟩ and ⟨g_q, C g_m⟩ from optax's C g on each side.
     expected = {
         'dot': gq @ gm.T,
@@ -123,12 +134,16 @@ def test_forms_equal_brute_force(setup, exclude):
         'train_corrected': (gq @ cm.T) / np.outer(_norms(gq), _norms(cm)),
         'step': (gq @ um.T) / _norms(gq)[:, None],
         'step, parameter scale': (gq @ us.T) / _norms(gq)[:, None],
+        'step, parameter scale, floored': (gq @ uf.T) / _norms(gq)[:, None],
     }
     assert not np.allclose(cm, gm), 'the correction must change the gradients here'
     # Parameter RMS differs between tensors (norm scales 1, weights ~0.02), so the
     # scaled step is not the unscaled one times a constant.
     ratio = expected['step, parameter scale'] / expected['step']
     assert ratio.std() > 0.1 * np.abs(ratio).mean(), ratio
+    # ... and the shrunk tensor carries enough of the step for its floor to show.
+    floor_change = expected['step, parameter scale, floored'] - expected['step, parameter scale']
+    assert np.abs(floor_change).max() > 1e-2 * np.abs(expected['step, parameter scale']).max()
     # Clipping must bind on some (tensor, example) pairs and not on others, or 'step'
     # tests only one branch of it.
     rms = np.sqrt(products.example_sq_corrected) / products.example_tokens
@@ -144,12 +159,17 @@ def test_forms_equal_brute_force(setup, exclude):
         'train_corrected': 1.0,
         'step': _norms(um)[None, :],
         'step, parameter scale': _norms(us)[None, :],
+        'step, parameter scale, floored': _norms(uf)[None, :],
     }
+    rms = products.param_rms.copy()
+    rms[products.paths.index(small_path)] = 1e-5
+    floored = dataclasses.replace(products, param_rms=rms)
     for name, want in expected.items():
         form, _, scale_by = name.partition(', ')
-        got = full_space.score(products, form, exclude=exclude, clipping_threshold=CLIP,
+        got = full_space.score(floored if 'floored' in name else products, form,
+                               exclude=exclude, clipping_threshold=CLIP,
                                parameter_scale=bool(scale_by))  # fmt: skip
-        err, allowed = np.abs(got - want), 2e-5 * np.abs(want) + 1e-6 * bound[form]
+        err, allowed = np.abs(got - want), 2e-5 * np.abs(want) + 1e-6 * bound[name]
         assert (err <= allowed).all(), (name, (err / allowed).max(), got, want)
     # The Gram matrices preconditioned_score builds R from, within the same ulps.
     kept = full_space.tensor_mask(products, exclude)
