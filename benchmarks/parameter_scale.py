@@ -17,8 +17,9 @@ This trains lds.py's model on its data twice from the same initialisation and da
 every (query, example) pair exactly in the full parameter space (``eval.full_space``,
 the index's parameters: embedding left out): Exp 2 (cosine), Exp 4 (corrected on both
 sides), corrected on the training side, the step form, and the step form times each
-tensor's parameter RMS; beside the library's projected Exp 4 at D = 1,024. Per row: ρ
-one-step (per query, Spearman with the model's own first-order one-step matrix), MRR of
+tensor's parameter RMS (also over all parameters); beside the library's projected Exp 4
+at D = 1,024. Per row: ρ one-step (per query, Spearman with the model's own first-order
+one-step matrix) and ρ frozen V (the same step with V held at the saved state), MRR of
 the entailing gloss and tail-patch (one step of the model's own optimizer on each of the
 top 3), at the step's learning rate and at SMALL_STEP of it (nearer first order), with
 the first-order predictions of both and, per model, how well measured and predicted Δp
@@ -44,22 +45,27 @@ import lds as lds_bench  # noqa: E402
 OUT = os.path.join(harness.RESULTS_DIR, 'parameter_scale.json')
 SCALED_LR = 0.3  # of 0.03, 0.1, 0.3: the one whose queries fit as the absolute model's
 EXCLUDE = ('embedding',)  # the index's parameters
-FULL_ROWS = {  # row name: (full_space form, parameter_scale)
-    'Exp 2 (cosine)': ('cosine', False),
-    'Exp 4 (corrected, both sides)': ('corrected', False),
-    'corrected, training side': ('train_corrected', False),
-    'step form': ('step', False),
-    'step form × parameter RMS': ('step', True),
+FULL_ROWS = {  # row name: (full_space form, parameter_scale, tensors left out)
+    'Exp 2 (cosine)': ('cosine', False, EXCLUDE),
+    'Exp 4 (corrected, both sides)': ('corrected', False, EXCLUDE),
+    'corrected, training side': ('train_corrected', False, EXCLUDE),
+    'step form': ('step', False, EXCLUDE),
+    'step form × parameter RMS': ('step', True, EXCLUDE),
+    'step form × parameter RMS, all params': ('step', True, ()),
 }
 PROJECTED = 'Exp 4, D = 1,024'
 SMALL_STEP = 0.1  # tail-patch again at this fraction of the step's learning rate
-METRICS = ('one_step_rho', 'rr', 'tail_patch', 'tail_patch_small')
+METRICS = ('one_step_rho', 'frozen_v_rho', 'rr', 'tail_patch', 'tail_patch_small')
 PARTS = {  # (with, without), paired over queries on the same model
     'parameter RMS in the step form': ('step form × parameter RMS', 'step form'),
     'Exp 4 against the step form': ('Exp 4 (corrected, both sides)', 'step form'),
     'Exp 4 against the scaled step form': (
         'Exp 4 (corrected, both sides)',
         'step form × parameter RMS',
+    ),
+    'embedding left out (scaled step form)': (
+        'step form × parameter RMS',
+        'step form × parameter RMS, all params',
     ),
 }
 
@@ -92,14 +98,15 @@ def study_model(data, tc, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     last, _ = lds_bench.train_on(model, tc, train_ex, np.ones(len(train_ex), bool))
     train_seconds = time.time() - t0
-    step = lds_bench.one_step_scores(model, tc, last, train_ex, query_ex, variants=())
+    # The step, and the same with V held at the saved state (the step form's V).
+    step = lds_bench.one_step_scores(model, tc, last, train_ex, query_ex, ('frozen_v',))
     products = full_space.gradient_products(
         model, last.params, last.opt_state, query_ex, train_ex,
         seq_len=lds_bench.SEQ_LEN, query_len=lds_bench.QUERY_LEN,
     )  # fmt: skip
     scores = {
-        name: full_space.score(products, form, EXCLUDE, tc.clipping_threshold, scale)
-        for name, (form, scale) in FULL_ROWS.items()
+        name: full_space.score(products, form, exclude, tc.clipping_threshold, scale)
+        for name, (form, scale, exclude) in FULL_ROWS.items()
     }
     scores[PROJECTED] = projected_exp4(model, last, train_ex, query_ex, workdir)
     methods = {k: {'scores': v} for k, v in scores.items()}
@@ -110,9 +117,10 @@ def study_model(data, tc, workdir: str) -> dict[str, Any]:
     per_query, rows = {}, {}
     for name, s in scores.items():
         q = {
-            'one_step_rho': np.array(
-                [lds.spearman(s[i], step['scores'][i]) for i in range(len(s))]
-            ),
+            **{
+                key: np.array([lds.spearman(s[i], step[target][i]) for i in range(len(s))])
+                for key, target in (('one_step_rho', 'scores'), ('frozen_v_rho', 'frozen_v'))
+            },  # fmt: skip
             'rr': 1.0 / lds_bench.gold_ranks(s, data.gold),
             'tail_patch': np.asarray(tails['methods'][name]['tail_patch_per_query']),
             'tail_patch_small': np.asarray(small['methods'][name]['tail_patch_per_query']),
@@ -180,7 +188,7 @@ def readme_table(res: dict[str, Any]) -> str:
     """The README's tables from the JSON."""
     names = list(res['models'])
     small = f'at {SMALL_STEP:g}x lr (pp)'
-    heads = ['ρ one-step', 'MRR', 'tail-patch (pp)', 'first-order (pp)',
+    heads = ['ρ one-step', 'ρ frozen V', 'MRR', 'tail-patch (pp)', 'first-order (pp)',
              f'tail-patch {small}', f'first-order {small}']  # fmt: skip
     trained = ' and '.join(
         f'{n} (lr {m["learning_rate"]:g}, mean query log p {m["query_log_prob"]:.2f}, '
@@ -195,8 +203,10 @@ def readme_table(res: dict[str, Any]) -> str:
     lines = [
         f"From `{res['command']}` ({res['timestamp'][:10]}): lds.py's model, "
         f'{res["train_examples"]} training glosses and {res["queries"]} fact queries, '
-        f"trained with {trained}. Full-space rows are exact over the index's parameters; "
-        "each model's rows are measured against its own step (tail-patch of the top "
+        f"trained with {trained}. Full-space rows are exact over the index's parameters "
+        "(embedding left out) unless 'all params'; each model's rows are measured against "
+        'its own step (ρ frozen V: the same step with V held at the saved state; tail-patch '
+        'of the top '
         f'{res["tail_patch_top"]}, and its first-order prediction). Spearman of measured '
         f'Δp with its first-order prediction over every stepped pair: {linear}. Mean over '
         'queries, 95% bootstrap interval.',
@@ -206,13 +216,15 @@ def readme_table(res: dict[str, Any]) -> str:
     ]
     for n in names:
         for row, r in res['models'][n]['rows'].items():
-            cells = [harness.row_cell(r, 'one_step_rho'), harness.row_cell(r, 'rr'),
+            cells = [harness.row_cell(r, 'one_step_rho'), harness.row_cell(r, 'frozen_v_rho'),
+                     harness.row_cell(r, 'rr'),
                      harness.row_cell(r, 'tail_patch', signed=True),
                      f'{r["first_order_pp"]:+.2f}',
                      harness.row_cell(r, 'tail_patch_small', signed=True),
                      f'{r["first_order_small_pp"]:+.3f}']  # fmt: skip
             lines.append(f'| {n} | {row} | ' + ' | '.join(cells) + ' |')
-    diff_heads = ['ρ one-step', 'MRR', 'tail-patch (pp)', f'tail-patch at {SMALL_STEP:g}x lr']
+    diff_heads = ['ρ one-step', 'ρ frozen V', 'MRR', 'tail-patch (pp)',
+                  f'tail-patch at {SMALL_STEP:g}x lr']  # fmt: skip
     lines += [
         '',
         'Paired differences, with minus without, on each model:',

@@ -355,6 +355,10 @@ def test_readme_parameter_scale_tables_are_generated_from_the_benchmark_json():
     for model in result['models'].values():
         assert set(model['rows']) == {*module.FULL_ROWS, module.PROJECTED}
         assert set(model['parts']) == set(module.PARTS)
+    step = result['models']['parameter-scaled steps']['rows'][
+        'step form × parameter RMS, all params'
+    ]
+    assert step['frozen_v_rho'] > 0.99, 'the scaled step form must be the frozen-V step itself'
     assert module.write_readme(result, check=True), (
         'run python benchmarks/parameter_scale.py --readme_only'
     )
