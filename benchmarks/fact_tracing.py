@@ -34,12 +34,16 @@ METRICS = (
     ('rr', 'mrr', 'MRR'),
     ('hit', None, 'Recall'),
     ('tail_patch', 'tail_patch', 'Tail-patch'),
+    ('first_order', 'first_order', 'First-order'),
 )
+PP = ('Tail-patch', 'First-order')  # shown in percentage points
 
 # The paper's findings this table can test: (claim, a, b, metrics), each "a > b" on
 # those metrics (keys as in results['comparisons']: rr = MRR, hit = Recall@k,
-# tail_patch). Ablations are claimed on both attribution and influence.
-BOTH = ('rr', 'tail_patch')
+# tail_patch, first_order: its first-order prediction from the same step). Ablations are
+# claimed on both attribution and influence.
+INFLUENCE = ('tail_patch', 'first_order')
+BOTH = ('rr', *INFLUENCE)
 CLAIMS = (
     ('Unit norm beats the plain dot product (Exp 2 > Exp 1)', 'Exp 2 (+unit)', 'Exp 1 (dot)', BOTH),
     ('R_train helps (Exp 3 > Exp 2)', 'Exp 3 (+R)', 'Exp 2 (+unit)', BOTH),
@@ -51,9 +55,9 @@ CLAIMS = (
         "TrackStar's proponents beat the entailing passages at tail-patch",
         'TrackStar',
         'Gold (entailing)',
-        ('tail_patch',),
+        INFLUENCE,
     ),
-    ("TrackStar's proponents beat BM25's at tail-patch", 'TrackStar', 'BM25', ('tail_patch',)),
+    ("TrackStar's proponents beat BM25's at tail-patch", 'TrackStar', 'BM25', INFLUENCE),
 )
 
 
@@ -245,16 +249,42 @@ def readme_section(result: dict) -> str:
         '',
         'Seed 0, with 95% bootstrap intervals over queries (tail-patch in pp):',
         '',
-        f'| Method | MRR | Recall@{at} | Tail-patch (pp) | MRR right / wrong | seed 1 MRR |',
-        '|---|---|---|---|---|---|',
+    ]
+    steps = res.get('first_order')
+    if steps:
+        lines += [
+            'Beside each tail-patch step u: its first-order prediction ⟨∇p, u⟩ (pp), the '
+            "step's size ‖u‖ and ⟨∇p, u⟩ / ‖u‖ (pp per unit step: the direction alone), "
+            'means over the same proponents. Over all stepped pairs, measured vs predicted '
+            'Δp: '
+            + '; '.join(
+                f'seed {r["seed"]} Spearman {f["spearman"]:.3f}, slope {f["slope"]:.2f}, '
+                f'same sign {f["same_sign"]:.2f} ({f["pairs"]} steps)'
+                for r in result['runs']
+                for f in [r['results']['first_order']]
+            )
+            + '.',
+            '',
+        ]
+    step_heads = ' First-order (pp) | ‖u‖ | ⟨∇p, u⟩ / ‖u‖ |' if steps else ''
+    lines += [
+        f'| Method | MRR | Recall@{at} | Tail-patch (pp) |{step_heads} MRR right / wrong '
+        '| seed 1 MRR |',
+        '|---|---|---|---|' + ('---|---|---|' if steps else '') + '---|---|',
     ]
     for name, row in res['table'].items():
         other = second['results']['table'].get(name, {})
         lam = f' (λ={row["lam"]:.2f})' if row.get('lam') else ''
         right, wrong = row.get('correct'), row.get('incorrect')
+        step_cells = (
+            f' {row["all"]["first_order"] * 100:+.3f} | {row["all"]["update_norm"]:.3f} | '
+            f'{row["all"]["first_order_per_norm"] * 100:+.3f} |'
+            if steps
+            else ''
+        )
         lines.append(
             f'| {name}{lam} | {_cell(row["all"], "mrr")} | {_cell(row["all"], f"recall@{at}")} '
-            f'| {_cell(row["all"], "tail_patch", 100, "+")} | '
+            f'| {_cell(row["all"], "tail_patch", 100, "+")} |{step_cells} '
             f'{_cell(right, "mrr").split(" [")[0]} / {_cell(wrong, "mrr").split(" [")[0]} | '
             f'{_cell(other.get("all"), "mrr").split(" [")[0]} |'
         )
@@ -285,10 +315,9 @@ def readme_section(result: dict) -> str:
         '|---|---|---|---|---|',
     ]
     for v in result['claims']:
+        scale = 100 if v['metric'] in PP else 1
         cells = [
-            f'{r["diff"] * (100 if v["metric"] == "Tail-patch" else 1):+.3f} '
-            f'[{r["low"] * (100 if v["metric"] == "Tail-patch" else 1):+.3f}, '
-            f'{r["high"] * (100 if v["metric"] == "Tail-patch" else 1):+.3f}]'
+            f'{r["diff"] * scale:+.3f} [{r["low"] * scale:+.3f}, {r["high"] * scale:+.3f}]'
             for r in v['runs']
         ]
         lines.append(f'| {v["claim"]} | {v["metric"]} | {cells[0]} | {cells[1]} | {v["verdict"]} |')

@@ -61,6 +61,31 @@ def _trained_checkpoint(directory, tc=TC):
     return model, state, mesh, shardings
 
 
+def test_first_order_columns_and_agreement_hand_computed():
+    ranking = {'q1': ['a', 'b', 'c'], 'q2': ['c', 'a', 'b']}
+    entailing = {'q1': {'b'}, 'q2': {'x'}}
+    deltas = {('q1', 'a'): 0.2, ('q1', 'b'): -0.1, ('q2', 'c'): 0.4, ('q2', 'a'): 0.1}
+    steps = {('q1', 'a'): (0.3, 2.0), ('q1', 'b'): (0.1, 4.0), ('q2', 'c'): (0.5, 1.0),
+             ('q2', 'a'): (-0.2, 2.0)}  # fmt: skip
+    v = fact_tracing.per_query_values(ranking, entailing, deltas, ['q1', 'q2'], 2, steps)
+    np.testing.assert_allclose(v['rr'], [0.5, 0.0])
+    np.testing.assert_allclose(v['tail_patch'], [0.05, 0.25])
+    np.testing.assert_allclose(v['first_order'], [0.2, 0.15])
+    np.testing.assert_allclose(v['update_norm'], [3.0, 1.5])
+    np.testing.assert_allclose(v['first_order_per_norm'], [(0.15 + 0.025) / 2, (0.5 - 0.1) / 2])
+    assert 'first_order' not in fact_tracing.per_query_values(ranking, entailing, deltas,
+                                                              ['q1'], 2)  # fmt: skip
+    agree = fact_tracing.first_order_agreement(deltas, steps)
+    # Sorted pairs: (q1,a) (q1,b) (q2,a) (q2,c); measured .2 -.1 .1 .4, predicted .3 .1 -.2 .5.
+    assert agree['pairs'] == 4
+    # Ranks 3 1 2 4 against 3 2 1 4: 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15).
+    assert agree['spearman'] == pytest.approx(0.8)
+    assert agree['slope'] == pytest.approx((0.06 - 0.01 - 0.02 + 0.2) / (0.09 + 0.01 + 0.04 + 0.25))
+    assert agree['same_sign'] == pytest.approx(0.5)
+    m, p = np.array([0.2, -0.1, 0.1, 0.4]), np.array([0.3, 0.1, -0.2, 0.5])
+    assert agree['pearson'] == pytest.approx(np.corrcoef(m, p)[0, 1])
+
+
 def test_length_groups_batch_every_key_once_padded_to_its_bucket():
     """Against a loop over the keys: each key once, in order, in a batch of exactly
     ``rows`` rows padded to its longest example's bucket (or max_len), short groups
@@ -134,6 +159,12 @@ def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
             host_state.params, host_state.opt_state, proponents, query
         )
     )
+    fused = np.asarray(
+        tail_patch_lib.make_tail_patch(model, TC, proponent_batch, first_order=True)(
+            host_state.params, host_state.opt_state, proponents, query
+        )
+    )
+    assert fused.shape == (3, 3)
     tx = train.make_optimizer(TC)
     for i in range(3):
         g = jax.grad(
@@ -146,7 +177,12 @@ def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
         assert first[i, 0] == pytest.approx(central, rel=2e-2, abs=1e-9)
         norm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(u)))
         assert first[i, 1] == pytest.approx(norm, rel=1e-5)
+        assert fused[i, 1] == pytest.approx(central, rel=2e-2, abs=1e-9)
+        assert fused[i, 2] == pytest.approx(norm, rel=1e-5)
     assert np.any(first[:, 0] != 0)
+    # The fused form (one update per proponent for both) gives the same three numbers.
+    np.testing.assert_allclose(fused[:, 0], deltas, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(fused[:, 1:], first, rtol=1e-6, atol=1e-12)
 
 
 def test_parameter_scaling_reaches_the_trainer_and_the_tail_patch_step(tmp_path):
@@ -326,8 +362,16 @@ def test_user_supplied_facts_and_corpus(tmp_path):
         assert 0.0 <= row['mrr'] <= 1.0 and 0.0 <= row['recall@3'] <= 1.0
         assert np.isfinite(row['tail_patch'])
     assert 0.0 < table['TrackStar']['lam'] < 1.0
+    # Every stepped pair also has its first-order prediction and step norm.
+    stepped = {(q, p) for r in out['rankings'].values() for q, ps in r.items() for p in ps[:3]}
+    assert out['first_order']['pairs'] == len(stepped)
+    for name in ('Exp 2 (+unit)', 'TrackStar', 'Gold (entailing)'):
+        row = table[name]['all']
+        assert np.isfinite(row['first_order']) and row['update_norm'] > 0
     for name in ('results.json', 'results.md', 'report.html'):
         assert os.path.getsize(tmp_path / 'eval' / name) > 0
+    with open(tmp_path / 'eval' / 'results.md') as f:
+        assert 'First-order / ‖u‖' in f.read()
     html = open(tmp_path / 'eval' / 'report.html').read()
     assert 'The capital of France is' in html and '<code>doc' in html
     assert '<th>MRR [95% CI]</th>' in html and 'data:image/png;base64,' in html

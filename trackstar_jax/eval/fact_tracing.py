@@ -39,6 +39,7 @@ from trackstar_jax import sharding as shd
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import examples as examples_lib
 from trackstar_jax.data import mixture as mixture_lib
+from trackstar_jax.eval import lds as lds_lib
 from trackstar_jax.eval import metrics, report, stats
 from trackstar_jax.eval import tail_patch as tail_patch_lib
 from trackstar_jax.jobs.common import LoadedModel, checkpoint_tokenizer, load_model
@@ -63,6 +64,10 @@ class EvalConfig:
       sweep_method: the method swept over dimension.
       html_queries: queries shown in report.html.
       tail_patch_batch: proponents stepped at once in tail-patch (None: all k).
+      first_order: beside each tail-patch Δp, its first-order prediction ⟨∇p, u⟩ from
+        the same update u, and ||u|| (one forward-mode derivative of the query per step):
+        whether a method's proponents move p by the direction or the size of their step,
+        and how far one step is from linear.
     """
 
     num_queries: int | None = 120
@@ -76,6 +81,7 @@ class EvalConfig:
     sweep_method: str = 'TrackStar'
     html_queries: int = 40
     tail_patch_batch: int | None = None
+    first_order: bool = True
 
 
 def select_facts(
@@ -292,34 +298,50 @@ def _baseline_ranking(m: Method, data: EvalData, k: int) -> dict[str, list[str]]
     return dict(zip([f['id'] for f in data.facts], ids, strict=True))
 
 
+# Per-query values beside tail-patch when the first-order prediction is measured:
+# ⟨∇p, u⟩, ||u|| and ⟨∇p, u⟩ / ||u|| (the step's direction alone), each over the top k.
+STEP_KEYS = ('first_order', 'update_norm', 'first_order_per_norm')
+
+
 def per_query_values(
     ranking: Mapping[str, Sequence[str]],
     entailing: Mapping[str, set[str]],
     deltas: Mapping[tuple[str, str], float],
     qids: Sequence[str],
     k: int,
+    steps: Mapping[tuple[str, str], tuple[float, float]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per query: reciprocal rank, hit@min(k, 10), mean tail-patch Δp over its top k."""
+    """Per query: reciprocal rank, hit@min(k, 10), mean tail-patch Δp over its top k and,
+    given ``steps`` ((⟨∇p, u⟩, ||u||) per pair), the means of :data:`STEP_KEYS`."""
     at = min(k, 10)
-    return {
+
+    def over_top_k(value) -> np.ndarray:
+        return np.array(
+            [np.mean([value(q, p) for p in ranking[q][:k]]) if ranking[q] else np.nan for q in qids]
+        )
+
+    out = {
         'rr': np.array([metrics.reciprocal_rank(ranking[q], entailing[q]) for q in qids]),
         'hit': np.array([float(any(x in entailing[q] for x in ranking[q][:at])) for q in qids]),
-        'tail_patch': np.array(
-            [
-                np.mean([deltas[(q, p)] for p in ranking[q][:k]]) if ranking[q] else np.nan
-                for q in qids
-            ]
-        ),
+        'tail_patch': over_top_k(lambda q, p: deltas[(q, p)]),
     }
+    if steps is not None:
+        out['first_order'] = over_top_k(lambda q, p: steps[(q, p)][0])
+        out['update_norm'] = over_top_k(lambda q, p: steps[(q, p)][1])
+        out['first_order_per_norm'] = over_top_k(
+            lambda q, p: steps[(q, p)][0] / max(steps[(q, p)][1], 1e-30)
+        )
+    return out
 
 
-def _metrics_row(ranking, entailing, deltas, qids, k) -> dict[str, Any] | None:
+def _metrics_row(ranking, entailing, deltas, qids, k, steps=None) -> dict[str, Any] | None:
     """Each metric's mean over ``qids`` and its 95% bootstrap interval over queries."""
     if not qids:
         return None
-    values = per_query_values(ranking, entailing, deltas, qids, k)
+    values = per_query_values(ranking, entailing, deltas, qids, k, steps)
     row: dict[str, Any] = {'queries': len(qids)}
-    for key, name in (('rr', 'mrr'), ('hit', f'recall@{min(k, 10)}'), ('tail_patch', 'tail_patch')):
+    named = [('rr', 'mrr'), ('hit', f'recall@{min(k, 10)}'), ('tail_patch', 'tail_patch')]
+    for key, name in named + [(key, key) for key in STEP_KEYS if key in values]:
         v = values[key][np.isfinite(values[key])]
         if not len(v):
             row[name], row[f'{name}_ci'] = float('nan'), None
@@ -327,6 +349,28 @@ def _metrics_row(ranking, entailing, deltas, qids, k) -> dict[str, Any] | None:
         mean, low, high = stats.bootstrap_ci(v)
         row[name], row[f'{name}_ci'] = mean, [low, high]
     return row
+
+
+def first_order_agreement(
+    deltas: Mapping[tuple[str, str], float], steps: Mapping[tuple[str, str], Sequence[float]]
+) -> dict[str, Any]:
+    """How close one tail-patch step is to its first-order prediction, over every
+    stepped (query, proponent) pair: Spearman and Pearson correlation of measured Δp with
+    ⟨∇p, u⟩, the least-squares slope through 0 (1: linear), and the share of pairs where
+    both have the same sign."""
+    keys = sorted(deltas)
+    measured = np.array([deltas[k] for k in keys], np.float64)
+    predicted = np.array([steps[k][0] for k in keys], np.float64)
+    if len(keys) < 2 or np.ptp(measured) == 0 or np.ptp(predicted) == 0:
+        return {'pairs': len(keys), 'spearman': None, 'pearson': None, 'slope': None,
+                'same_sign': None}  # fmt: skip
+    return {
+        'pairs': len(keys),
+        'spearman': float(lds_lib.spearman(measured, predicted)),
+        'pearson': float(np.corrcoef(measured, predicted)[0, 1]),
+        'slope': float(measured @ predicted / (predicted @ predicted)),
+        'same_sign': float(np.mean(np.sign(measured) == np.sign(predicted))),
+    }
 
 
 def comparisons(
@@ -337,7 +381,9 @@ def comparisons(
     out = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            for key in ('rr', 'hit', 'tail_patch'):
+            for key in ('rr', 'hit', 'tail_patch', 'first_order'):
+                if key not in per_query[a] or key not in per_query[b]:
+                    continue
                 va, vb = per_query[a][key], per_query[b][key]
                 keep = np.isfinite(va) & np.isfinite(vb)
                 if not keep.any():
@@ -518,8 +564,10 @@ def evaluate(
     pairs = sorted(
         {(q, p) for ranked in rankings.values() for q, ps in ranked.items() for p in ps[:k]}
     )
-    fn = tail_patch_lib.make_tail_patch(loaded.model, loaded.train_config, config.tail_patch_batch)
-    deltas = tail_patch_lib.tail_patch_scores(
+    fn = tail_patch_lib.make_tail_patch(
+        loaded.model, loaded.train_config, config.tail_patch_batch, config.first_order
+    )
+    measured = tail_patch_lib.tail_patch_scores(
         fn,
         loaded.params,
         loaded.opt_state,
@@ -531,20 +579,27 @@ def evaluate(
         config.query_len,
     )
     logging.info('Tail-patch: %d steps in %.1fs.', len(pairs), time.time() - t0)
+    steps, first_order = None, None
+    if config.first_order:
+        deltas = {pair: v[0] for pair, v in measured.items()}
+        steps = {pair: v[1:] for pair, v in measured.items()}
+        first_order = first_order_agreement(deltas, steps)
+    else:
+        deltas = measured
 
     all_q = [f['id'] for f in data.facts]
     right = [q for q in all_q if correct[q]]
     wrong = [q for q in all_q if not correct[q]]
     table = {
         name: {
-            split: _metrics_row(rankings[name], data.entailing, deltas, qids, k)
+            split: _metrics_row(rankings[name], data.entailing, deltas, qids, k, steps)
             for split, qids in (('all', all_q), ('correct', right), ('incorrect', wrong))
         }
         | info.get(name, {})
         for name in rankings
     }
     per_query = {
-        name: per_query_values(rankings[name], data.entailing, deltas, all_q, k)
+        name: per_query_values(rankings[name], data.entailing, deltas, all_q, k, steps)
         for name in rankings
     }
     results = {
@@ -564,6 +619,7 @@ def evaluate(
         'methods': {m.name: dataclasses.asdict(m) for m in methods},
         'table': table,
         'dimension_sweep': [{'method': n, 'dim': d, **table[n]['all']} for n, d in sweep_rows],
+        'first_order': first_order,
         'confidence': 'bootstrap 95% intervals over queries (10,000 resamples, seed 0); '
         'comparisons: paired bootstrap of the per-query difference and a sign-flip test',
         'comparisons': comparisons(per_query, [m.name for m in methods]),

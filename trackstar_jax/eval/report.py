@@ -15,7 +15,8 @@ from absl import logging
 
 from trackstar_jax.index import write_bytes, write_checked, write_text
 
-_SCALE = {'tail_patch': 100.0}  # Δp(target) is shown in percentage points
+# Δp(target) and its first-order prediction are shown in percentage points (signed).
+_SCALE = {'tail_patch': 100.0, 'first_order': 100.0, 'first_order_per_norm': 100.0}
 
 
 def _fmt(row: dict | None, key: str, interval: bool = True) -> str:
@@ -23,7 +24,7 @@ def _fmt(row: dict | None, key: str, interval: bool = True) -> str:
     if not row or row.get(key) is None or (isinstance(row[key], float) and math.isnan(row[key])):
         return '–'
     scale = _SCALE.get(key, 1.0)
-    sign = '+' if key == 'tail_patch' else ''
+    sign = '+' if key in _SCALE else ''
     text = f'{scale * row[key]:{sign}.3f}'
     ci = row.get(f'{key}_ci')
     if interval and ci:
@@ -57,8 +58,37 @@ def markdown_table(results: dict[str, Any]) -> str:
             f'{_fmt(r["all"], "tail_patch")} | {_split(r, "mrr")} | '
             f'{_split(r, f"recall@{at}")} | {_split(r, "tail_patch")} |'
         )
+    lines += step_table(results)
     lines += comparison_table(results)
     return '\n'.join(lines) + '\n'
+
+
+def step_table(results: dict[str, Any]) -> list[str]:
+    """Markdown lines: per method, the measured tail-patch beside its first-order
+    prediction ⟨∇p, u⟩, the step's norm ‖u‖ and ⟨∇p, u⟩ / ‖u‖ (the direction alone),
+    and how linear the steps were; nothing when the prediction was not measured."""
+    agreement = results.get('first_order')
+    if not agreement:
+        return []
+    lines = [
+        '',
+        'Tail-patch against its first-order prediction from the same step u: ⟨∇p, u⟩ '
+        '(pp), ‖u‖, and ⟨∇p, u⟩ / ‖u‖ (pp per unit step: the direction alone). Over '
+        f'all {agreement["pairs"]} steps, measured vs predicted: Spearman '
+        f'{_num(agreement["spearman"])}, Pearson {_num(agreement["pearson"])}, slope '
+        f'{_num(agreement["slope"])}, same sign {_num(agreement["same_sign"])}.',
+        '',
+        '| Method | Tail-patch (pp) | First-order (pp) | ‖u‖ | First-order / ‖u‖ (pp) |',
+        '|---|---|---|---|---|',
+    ]
+    for name, r in results['table'].items():
+        keys = ('tail_patch', 'first_order', 'update_norm', 'first_order_per_norm')
+        lines.append(f'| {name} | ' + ' | '.join(_fmt(r['all'], key) for key in keys) + ' |')
+    return lines
+
+
+def _num(x: float | None) -> str:
+    return '–' if x is None else f'{x:.3f}'
 
 
 def comparison_table(results: dict[str, Any], reference: str | None = None) -> list[str]:
@@ -212,7 +242,11 @@ def _summary_html(results: dict[str, Any]) -> str:
 
 
 def _comparison_html(results: dict[str, Any]) -> str:
-    lines = comparison_table(results)
+    return _lines_html(step_table(results)) + _lines_html(comparison_table(results))
+
+
+def _lines_html(lines: list[str]) -> str:
+    """A caption + markdown table (as :func:`comparison_table` writes it) as HTML."""
     if not lines:
         return ''
     e = html.escape

@@ -25,7 +25,10 @@ from trackstar_jax.data import examples as examples_lib
 
 
 def make_tail_patch(
-    model: nn.Module, train_config: train.TrainConfig, proponent_batch: int | None = None
+    model: nn.Module,
+    train_config: train.TrainConfig,
+    proponent_batch: int | None = None,
+    first_order: bool = False,
 ) -> Callable[..., jax.Array]:
     """``fn(params, opt_state, proponents, query) -> Δp [K]`` (jit-compiled).
 
@@ -35,6 +38,9 @@ def make_tail_patch(
       proponent_batch: proponents stepped at once (``lax.map`` over groups of this many;
         each holds its own gradient, update and patched params, so a 100M+ model wants
         1-2); None vmaps all K.
+      first_order: ``fn`` returns [K, 3]: per proponent the measured Δp, its first-order
+        prediction ⟨∇_θ p(target | prompt), u⟩ and ||u|| (as :func:`make_first_order`),
+        from the one update u the step applies (computed once, not twice).
 
     Args of ``fn``:
       params, opt_state: the final checkpoint's.
@@ -46,11 +52,17 @@ def make_tail_patch(
 
     def one(params, opt_state, tokens, mask, query):
         updates = _update(model, tx, params, opt_state, tokens, mask)
-        return target_prob(optax.apply_updates(params, updates), query)
+        after = target_prob(optax.apply_updates(params, updates), query)
+        if not first_order:
+            return after
+        _, predicted = jax.jvp(lambda p: target_prob(p, query), (params,), (updates,))
+        return jnp.stack([after, predicted, optax.tree.norm(updates)])
 
     @jax.jit
     def fn(params, opt_state, proponents, query):
         before = target_prob(params, query)
+        if first_order:  # only the measured column is a difference from `before`
+            before = jnp.array([1.0, 0.0, 0.0]) * before
         if proponent_batch is None:
             after = _each_proponent(one)(params, opt_state, proponents, query)
         else:
