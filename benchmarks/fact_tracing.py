@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -61,14 +62,23 @@ CLAIMS = (
 )
 
 
-def run_seed(seed: int, root: str) -> dict:
-    """The Quick Start command for ``seed`` in a fresh workdir; its results and time."""
-    workdir = os.path.join(root, f'seed{seed}')
+def run_seed(
+    seed: int, root: str, name: str | None = None, extra: Sequence[str] = (), reuse: str = ''
+) -> dict:
+    """The Quick Start command for ``seed`` in a fresh workdir (``root/seed<seed>``, or
+    ``root/<name>`` with ``extra`` gin bindings; ``reuse``: a workdir whose checkpoints
+    and indices are copied in first, so the model is not trained again); its results
+    and time."""
+    workdir = os.path.join(root, name or f'seed{seed}')
     shutil.rmtree(workdir, ignore_errors=True)
+    if reuse:  # same model, same content-tagged indices: only fits, scores, tail-patch run
+        for sub in ('checkpoints', 'indices'):
+            shutil.copytree(os.path.join(reuse, sub), os.path.join(workdir, sub))
     bindings = [
         f'trackstar_jax.FactMixture.seed = {seed}',
         f'trackstar_jax.TrainConfig.seed = {seed}',
         f'trackstar_jax.GradientSpec.seed = {seed}',
+        *extra,
     ]
     cmd = [
         sys.executable,
@@ -82,8 +92,10 @@ def run_seed(seed: int, root: str) -> dict:
         raise SystemExit(f'seed {seed} failed:\n{done.stderr[-4000:]}')
     with open(os.path.join(workdir, 'results.json')) as f:
         results = json.load(f)
-    with open(os.path.join(workdir, 'train_metrics.json')) as f:
-        training = json.load(f)
+    training = None
+    if not reuse:
+        with open(os.path.join(workdir, 'train_metrics.json')) as f:
+            training = json.load(f)
     return {
         'seed': seed,
         'workdir': workdir,
@@ -160,6 +172,99 @@ def agreement(first: dict, second: dict) -> dict:
                 }
             )
     return {'inside': inside, 'total': total, 'max_abs_diff': worst, 'rows': rows}
+
+
+def step_size_run(scale: float, run: dict, seed0: dict) -> dict:
+    """One tail-patch learning-rate scale on seed 0's model: per method tail-patch and
+    its first-order prediction (which is linear in the learning rate: clipping acts
+    before it), the measured/predicted agreement, and the claims' paired differences."""
+    res = run['results']
+    table = {name: row['all'] for name, row in res['table'].items()}
+    claims = []
+    for claim, a, b, metrics in CLAIMS:
+        if 'tail_patch' not in metrics:
+            continue
+        p = _pair(res, a, b, 'tail_patch')
+        if p is not None:
+            keep = {k: p[k] for k in ('diff', 'low', 'high', 'p_sign_flip')}
+            claims.append({'claim': claim, 'a': a, 'b': b, **keep})
+    return {
+        'scale': scale,
+        'command': run['command'],
+        'seconds': run['seconds'],
+        'first_order': res['first_order'],
+        'table': table,
+        'claims': claims,
+        # The same model, rankings and steps' directions as seed 0's run: only the size
+        # of the step differs (a check that the copied model and indices were used).
+        'same_rankings': res['rankings'] == _stored_rankings(seed0),
+    }
+
+
+def _stored_rankings(run: dict) -> dict:
+    # The JSON keeps no rankings (see main); the run's workdir does.
+    with open(os.path.join(run['workdir'], 'results.json')) as f:
+        return json.load(f)['rankings']
+
+
+def step_size_table(result: dict) -> list[str]:
+    """README lines: tail-patch at each step size beside its first-order prediction."""
+    scales = result.get('step_sizes')
+    if not scales:
+        return []
+    base = result['runs'][0]['results']
+    cols = [(1.0, base['table'], base['first_order'])] + [
+        (r['scale'], {n: {'all': v} for n, v in r['table'].items()}, r['first_order'])
+        for r in scales
+    ]
+    lines = [
+        '',
+        "Tail-patch with the step's learning rate scaled (seed 0's model, rankings and "
+        'steps; only the step size differs). Each cell: measured Δp / scale, then the '
+        'first-order prediction ⟨∇p, u⟩ at 1x (the prediction is linear in the rate), '
+        'both in pp. Measured vs first-order over all stepped pairs, Spearman: '
+        + ', '.join(f'{s:g}x {f["spearman"]:.3f}' for s, _, f in cols)
+        + '; least-squares slope measured / predicted: '
+        + ', '.join(f'{s:g}x {f["slope"]:.3f}' for s, _, f in cols)
+        + '.',
+        '',
+        '| Method | first-order (pp) | '
+        + ' | '.join(f'tail-patch {s:g}x / {s:g}' for s, _, _ in cols)
+        + ' |',
+        '|---|---|' + '---|' * len(cols),
+    ]
+    for name, row in base['table'].items():
+        if '@D=' in name:
+            continue
+        cells = []
+        for s, table, _ in cols:
+            r = table[name]['all']
+            ci = r['tail_patch_ci']
+            cells.append(
+                f'{100 * r["tail_patch"] / s:+.2f} [{100 * ci[0] / s:+.2f}, {100 * ci[1] / s:+.2f}]'
+            )
+        lines.append(
+            f'| {name} | {100 * row["all"]["first_order"]:+.2f} | ' + ' | '.join(cells) + ' |'
+        )
+    lines += [
+        '',
+        'Tail-patch findings at each step size (a − b, pp / scale, 95% paired interval):',
+        '',
+        '| Finding | ' + ' | '.join(f'{s:g}x' for s, _, _ in cols) + ' |',
+        '|---|' + '---|' * len(cols),
+    ]
+    first = [v for v in result['claims'] if v['metric'] == 'Tail-patch']
+    for v in first:
+        cells = [v['runs'][0]] + [
+            next(c for c in r['claims'] if c['claim'] == v['claim']) for r in scales
+        ]
+        scale = [1.0] + [r['scale'] for r in scales]
+        diffs = [
+            f'{100 * c["diff"] / k:+.2f} [{100 * c["low"] / k:+.2f}, {100 * c["high"] / k:+.2f}]'
+            for c, k in zip(cells, scale, strict=True)
+        ]
+        lines.append(f'| {v["claim"]} | ' + ' | '.join(diffs) + ' |')
+    return lines
 
 
 def determinism(first: dict, again: dict) -> dict:
@@ -247,8 +352,6 @@ def readme_section(result: dict) -> str:
         f'({second["results"]["num_correct"]} in the second run). Candidates: '
         f'{res["num_candidates"]} passages (everything it was trained on), k = {res["k"]}.',
         '',
-        'Seed 0, with 95% bootstrap intervals over queries (tail-patch in pp):',
-        '',
     ]
     steps = res.get('first_order')
     if steps:
@@ -268,6 +371,8 @@ def readme_section(result: dict) -> str:
         ]
     step_heads = ' First-order (pp) | ‖u‖ | ⟨∇p, u⟩ / ‖u‖ |' if steps else ''
     lines += [
+        'Seed 0, with 95% bootstrap intervals over queries (tail-patch in pp):',
+        '',
         f'| Method | MRR | Recall@{at} | Tail-patch (pp) |{step_heads} MRR right / wrong '
         '| seed 1 MRR |',
         '|---|---|---|---|' + ('---|---|---|' if steps else '') + '---|---|',
@@ -321,6 +426,7 @@ def readme_section(result: dict) -> str:
             for r in v['runs']
         ]
         lines.append(f'| {v["claim"]} | {v["metric"]} | {cells[0]} | {cells[1]} | {v["verdict"]} |')
+    lines += step_size_table(result)
     return '\n'.join(lines)
 
 
@@ -342,7 +448,30 @@ def main(argv: list[str] | None = None) -> int:
         action='store_true',
         help='run seed 0 again; record whether its table is identical',
     )
+    parser.add_argument(
+        '--step_sizes',
+        type=float,
+        nargs='+',
+        help="tail-patch seed 0's model again with the step's learning rate times each",
+    )
     args = parser.parse_args(argv)
+    if args.step_sizes:  # the same model and rankings, smaller tail-patch steps
+        with open(OUT) as f:
+            result = json.load(f)
+        seed0 = result['runs'][0]
+        rows = []
+        for scale in args.step_sizes:
+            binding = f'trackstar_jax.EvalConfig.tail_patch_lr_scale = {scale}'
+            run = run_seed(0, args.root, f'step{scale:g}', [binding], seed0['workdir'])
+            rows.append(step_size_run(scale, run, seed0))
+            rows[-1]['command'] = harness.command_line() + ' -> ' + rows[-1]['command']
+        result['step_sizes'] = rows
+        harness.write_result(OUT, {k: v for k, v in result.items() if k != 'timestamp'})
+        with open(os.path.splitext(OUT)[0] + '.md', 'w') as f:
+            f.write(markdown(result))
+        write_readme(result)
+        print('\n'.join(step_size_table(result)))
+        return 0
     if args.rerun:  # determinism on this machine: the same command, a fresh workdir
         with open(OUT) as f:
             result = json.load(f)
@@ -377,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         r['training'].pop('history', None)
     result = {
         'host': harness.host_info(),
-        'library': harness.library_fingerprint(['trackstar_jax']),
+        'library': harness.library_fingerprint(['.']),
         'runs': runs,
         'agreement': agreement(*runs),
         'claims': verdicts(runs),

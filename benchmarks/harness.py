@@ -199,7 +199,9 @@ def library_fingerprint(paths: Sequence[str]) -> dict[str, Any]:
     """A hash of the library sources a benchmark runs, and the repo's commit and dirty state.
 
     Args:
-      paths: files or directories under ``trackstar_jax/`` (directories: every .py file).
+      paths: files or directories under ``trackstar_jax/`` (directories: every .py file;
+        '.' is the whole library). A path that does not exist is an error: it would hash
+        nothing and never read as dirty.
 
     Returns:
       {'paths', 'source_sha256', 'git_commit', 'library_dirty'} (the git keys only where
@@ -215,6 +217,8 @@ def library_fingerprint(paths: Sequence[str]) -> dict[str, Any]:
     digest = hashlib.sha256()
     for rel in paths:
         top = os.path.join(root, rel)
+        if not os.path.exists(top):
+            raise ValueError(f'{rel!r} is not a file or directory under {root}.')
         files = [top] if os.path.isfile(top) else []
         for dirpath, dirnames, names in os.walk(top):
             dirnames.sort()

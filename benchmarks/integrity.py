@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             'settings': vars(args) | {'dtype': 'float32', 'storage': 'local directory'},
             'host': harness.host_info(),
             'device': harness.device_info(),
-            'library': harness.library_fingerprint(['trackstar_jax']),
+            'library': harness.library_fingerprint(['.']),
             'write_s': write,
             'read_s': read,
             'score_s': score,

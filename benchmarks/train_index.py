@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         'by_model': by_model,
         'skipped': skipped,
         'host': harness.host_info(),
-        'library': harness.library_fingerprint(['trackstar_jax']),
+        'library': harness.library_fingerprint(['.']),
     }
     print(json.dumps({k: result[k] for k in ('overhead', 'overhead_by_model')}, indent=1))
     harness.write_result(args.out, result, argv)

@@ -183,6 +183,16 @@ def test_tail_patch_equals_one_real_trainer_step(tmp_path, proponent_batch):
     # The fused form (one update per proponent for both) gives the same three numbers.
     np.testing.assert_allclose(fused[:, 0], deltas, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(fused[:, 1:], first, rtol=1e-6, atol=1e-12)
+    # A scaled learning rate scales the update exactly (clipping acts before it): the
+    # prediction and ||u|| by the factor, the measured change nearer its first order.
+    half = np.asarray(
+        tail_patch_lib.make_tail_patch(
+            model, tail_patch_lib.scaled_step(TC, 0.25), proponent_batch, first_order=True
+        )(host_state.params, host_state.opt_state, proponents, query)
+    )
+    np.testing.assert_allclose(half[:, 1:], 0.25 * fused[:, 1:], rtol=1e-5, atol=1e-12)
+    for i in range(3):
+        assert abs(half[i, 0] - half[i, 1]) <= abs(fused[i, 0] - fused[i, 1]) * 0.25
 
 
 def test_parameter_scaling_reaches_the_trainer_and_the_tail_patch_step(tmp_path):
@@ -500,6 +510,12 @@ def test_settings_are_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match='k must be'):
         fact_tracing.evaluate(
             methods=[gold], config=fact_tracing.EvalConfig(k=0, dimension_sweep=()), **common
+        )
+    with pytest.raises(ValueError, match='tail_patch_lr_scale'):
+        fact_tracing.evaluate(
+            methods=[gold],
+            config=fact_tracing.EvalConfig(tail_patch_lr_scale=0.0, dimension_sweep=()),
+            **common,
         )
     assert not os.path.exists(tmp_path / 'eval')  # refused before anything was written
     bad = tmp_path / 'facts.jsonl'

@@ -180,6 +180,32 @@ def test_query_intervals_and_paired_differences_leave_out_undefined_queries():
     assert diff['diff'] == pytest.approx(1 / 3)
 
 
+def test_library_fingerprint_hashes_the_named_sources_and_refuses_a_missing_path():
+    """The whole library ('.') hashes as the digest of its .py files (a hand walk);
+    a single file hashes differently; a path that is not under trackstar_jax/ is an
+    error instead of the digest of nothing."""
+    import hashlib
+
+    import trackstar_jax
+
+    harness = _benchmark('harness.py')
+    root = os.path.dirname(trackstar_jax.__file__)
+    digest = hashlib.sha256()
+    for dirpath, dirnames, names in os.walk(os.path.join(root, '.')):
+        dirnames.sort()
+        for name in sorted(n for n in names if n.endswith('.py')):
+            path = os.path.join(dirpath, name)
+            digest.update(os.path.relpath(path, root).encode())
+            digest.update(open(path, 'rb').read())
+    whole = harness.library_fingerprint(['.'])
+    assert whole['source_sha256'] == digest.hexdigest()[:16]
+    assert whole['source_sha256'] != hashlib.sha256().hexdigest()[:16]
+    one = harness.library_fingerprint(['grads/kernel.py'])
+    assert one['source_sha256'] not in (whole['source_sha256'], hashlib.sha256().hexdigest()[:16])
+    with pytest.raises(ValueError, match='not a file or directory'):
+        harness.library_fingerprint(['trackstar_jax'])
+
+
 def test_publish_writes_the_json_and_regenerates_the_readme_only_when_committed(tmp_path):
     """A committed result's README section is made from the file as written (command
     and timestamp included); a quick or redirected one never touches the README."""

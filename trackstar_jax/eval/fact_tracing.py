@@ -68,6 +68,9 @@ class EvalConfig:
         the same update u, and ||u|| (one forward-mode derivative of the query per step):
         whether a method's proponents move p by the direction or the size of their step,
         and how far one step is from linear.
+      tail_patch_lr_scale: the tail-patch step's learning rate times this (1: the step
+        as trained, the paper's protocol; smaller: a step nearer its first order, the
+        same direction, so it separates what a ranking picks from how large one step is).
     """
 
     num_queries: int | None = 120
@@ -82,6 +85,7 @@ class EvalConfig:
     html_queries: int = 40
     tail_patch_batch: int | None = None
     first_order: bool = True
+    tail_patch_lr_scale: float = 1.0
 
 
 def select_facts(
@@ -564,8 +568,9 @@ def evaluate(
     pairs = sorted(
         {(q, p) for ranked in rankings.values() for q, ps in ranked.items() for p in ps[:k]}
     )
+    step_config = tail_patch_lib.scaled_step(loaded.train_config, config.tail_patch_lr_scale)
     fn = tail_patch_lib.make_tail_patch(
-        loaded.model, loaded.train_config, config.tail_patch_batch, config.first_order
+        loaded.model, step_config, config.tail_patch_batch, config.first_order
     )
     measured = tail_patch_lib.tail_patch_scores(
         fn,
@@ -706,6 +711,10 @@ def _check_settings(methods: Sequence[Method], config: EvalConfig) -> None:
     """Settings errors, raised before any work is done."""
     if config.k < 1:
         raise ValueError(f'EvalConfig.k must be >= 1, got {config.k}.')
+    if not config.tail_patch_lr_scale > 0:
+        raise ValueError(
+            f'EvalConfig.tail_patch_lr_scale must be > 0, got {config.tail_patch_lr_scale}.'
+        )
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f'Method names must be unique: {names}.')

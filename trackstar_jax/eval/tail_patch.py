@@ -9,6 +9,7 @@ over proponents so a query's top-k steps run as one batched computation.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,6 +75,15 @@ def make_tail_patch(
         return after - before
 
     return fn
+
+
+def scaled_step(train_config: train.TrainConfig, scale: float) -> train.TrainConfig:
+    """``train_config`` with its learning rate (the whole schedule) times ``scale``.
+
+    Adafactor clips the preconditioned gradient before the learning rate multiplies it,
+    so the update u scales by exactly ``scale``: the same direction, a smaller step.
+    """
+    return dataclasses.replace(train_config, learning_rate=train_config.learning_rate * scale)
 
 
 def _target_probs(model: nn.Module) -> Callable[[Any, dict], jax.Array]:
