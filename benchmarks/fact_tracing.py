@@ -66,14 +66,20 @@ def run_seed(
     seed: int, root: str, name: str | None = None, extra: Sequence[str] = (), reuse: str = ''
 ) -> dict:
     """The Quick Start command for ``seed`` in a fresh workdir (``root/seed<seed>``, or
-    ``root/<name>`` with ``extra`` gin bindings; ``reuse``: a workdir whose checkpoints
-    and indices are copied in first, so the model is not trained again); its results
-    and time."""
+    ``root/<name>`` with ``extra`` gin bindings; ``reuse``: a workdir whose checkpoint
+    is evaluated again and whose indices are copied in first, so neither the model nor
+    its indices are built again); its results and time."""
     workdir = os.path.join(root, name or f'seed{seed}')
     shutil.rmtree(workdir, ignore_errors=True)
     if reuse:  # same model, same content-tagged indices: only fits, scores, tail-patch run
-        for sub in ('checkpoints', 'indices'):
-            shutil.copytree(os.path.join(reuse, sub), os.path.join(workdir, sub))
+        # (Sub-block indices of the sweep record their source's path: derived again.)
+        shutil.copytree(
+            os.path.join(reuse, 'indices'),
+            os.path.join(workdir, 'indices'),
+            ignore=shutil.ignore_patterns('sub_*'),
+        )
+        # The indices record the checkpoint they were built from: name the same one.
+        extra = [f"evaluate.checkpoint_dir = '{os.path.join(reuse, 'checkpoints')}'", *extra]
     bindings = [
         f'trackstar_jax.FactMixture.seed = {seed}',
         f'trackstar_jax.TrainConfig.seed = {seed}',
@@ -217,12 +223,21 @@ def step_size_table(result: dict) -> list[str]:
         (r['scale'], {n: {'all': v} for n, v in r['table'].items()}, r['first_order'])
         for r in scales
     ]
+    # The first-order prediction is linear in the rate (clipping acts before it): a check.
+    linear = max(
+        abs(v['first_order'] / r['scale'] - base['table'][n]['all']['first_order'])
+        / max(abs(base['table'][n]['all']['first_order']), 1e-30)
+        for r in scales
+        for n, v in r['table'].items()
+    )
+    same = all(r['same_rankings'] for r in scales)
     lines = [
         '',
-        "Tail-patch with the step's learning rate scaled (seed 0's model, rankings and "
-        'steps; only the step size differs). Each cell: measured Δp / scale, then the '
-        'first-order prediction ⟨∇p, u⟩ at 1x (the prediction is linear in the rate), '
-        'both in pp. Measured vs first-order over all stepped pairs, Spearman: '
+        "Tail-patch with the step's learning rate scaled (seed 0's model, "
+        + ('the same rankings' if same else 'NOT the same rankings')
+        + ', only the step size differs). First-order: ⟨∇p, u⟩ at 1x (at every scale the '
+        f'prediction is scale × it, to {linear:.0e} relative); other cells: measured Δp '
+        '/ scale; all in pp. Measured vs first-order over all stepped pairs, Spearman: '
         + ', '.join(f'{s:g}x {f["spearman"]:.3f}' for s, _, f in cols)
         + '; least-squares slope measured / predicted: '
         + ', '.join(f'{s:g}x {f["slope"]:.3f}' for s, _, f in cols)
