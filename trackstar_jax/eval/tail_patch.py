@@ -56,8 +56,7 @@ def make_tail_patch(
         after = target_prob(optax.apply_updates(params, updates), query)
         if not first_order:
             return after
-        _, predicted = jax.jvp(lambda p: target_prob(p, query), (params,), (updates,))
-        return jnp.stack([after, predicted, optax.tree.norm(updates)])
+        return jnp.concatenate([after[None], _linearised(target_prob, params, updates, query)])
 
     @jax.jit
     def fn(params, opt_state, proponents, query):
@@ -134,11 +133,15 @@ def make_first_order(model: nn.Module, train_config: train.TrainConfig) -> Calla
 
     def one(params, opt_state, tokens, mask, query):
         updates = _update(model, tx, params, opt_state, tokens, mask)
-        _, predicted = jax.jvp(lambda p: target_prob(p, query), (params,), (updates,))
-        norm = optax.tree.norm(updates)
-        return jnp.stack([predicted, norm])
+        return _linearised(target_prob, params, updates, query)
 
     return jax.jit(_each_proponent(one))
+
+
+def _linearised(target_prob, params, updates, query) -> jax.Array:
+    # [⟨∇_θ p(target | prompt), u⟩, ||u||]: one forward-mode derivative along the step.
+    _, predicted = jax.jvp(lambda p: target_prob(p, query), (params,), (updates,))
+    return jnp.stack([predicted, optax.tree.norm(updates)])
 
 
 def make_first_order_matrix(
